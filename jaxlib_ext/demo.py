@@ -1,0 +1,225 @@
+"""The demo: train the reference byte-level LM on a device mesh and report what it cost.
+
+    python -m jaxlib_ext.demo --steps 400 --devices 8 --optimizer adamw --seed 0 --out demo_out
+
+On a CPU-only machine ``--devices`` simulated CPU devices are created (8 by default); on GPU/TPU the
+first ``--devices`` accelerators are used. The model is trained data-parallel x FSDP on a
+``data x fsdp`` mesh over the Python standard library's source code (or ``--data PATH``), with a
+progress bar; at the end a summary table is printed and ``OUT/metrics.json`` (per-step losses and
+metrics, the compiled step's collective bytes and memory) and ``OUT/loss.png`` are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+DEFAULTS = {"steps": 400, "devices": 8, "optimizer": "adamw", "seed": 0, "out": "demo_out"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxlib_ext.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps")
+    p.add_argument("--devices", type=int, default=DEFAULTS["devices"], help="devices in the mesh")
+    p.add_argument("--fsdp", type=int, default=None,
+                   help="size of the fsdp mesh axis (default: devices/2 for 4+ devices)")
+    p.add_argument("--optimizer", default=DEFAULTS["optimizer"], help="optimizer name")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=30, help="linear warmup steps (then cosine)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay, for optimizers that take one")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init and data seed")
+    p.add_argument("--out", default=DEFAULTS["out"], help="output directory")
+    p.add_argument("--data", default=None, help="text file or directory (default: Python stdlib)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d-ff", type=int, default=None, help="MLP width (default 4 x d-model)")
+    p.add_argument("--experts", type=int, default=0, help="MoE experts per MLP (0: dense MLP)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (MoE)")
+    p.add_argument("--scan-layers", action="store_true", help="stack layers and run nnx.scan")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for name in ("steps", "devices", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.parser = p
+    return args
+
+
+def _setup_devices(count: int):
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", max(count, 1))  # CPU only; before the backend starts
+    available = jax.devices()
+    if count > len(available):
+        raise ValueError(f"--devices {count} requested, but only {len(available)} "
+                         f"{available[0].platform} devices exist")
+    return available[:count]
+
+
+def _mesh_axes(devices: int, fsdp: int | None) -> dict[str, int]:
+    if fsdp is None:
+        fsdp = devices // 2 if devices >= 4 and devices % 2 == 0 else devices
+    if fsdp < 1 or devices % fsdp:
+        raise ValueError(f"--fsdp {fsdp} must divide --devices {devices}")
+    return {"data": devices // fsdp, "fsdp": fsdp}
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _plot(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=1, label="training loss")
+    ax.axhline(math.log(256), color="gray", ls="--", lw=1, label="uniform over bytes (ln 256)")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class UsageError(Exception):
+    """Bad flags or inputs, found before training starts."""
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Trains as ``args`` say and writes ``metrics.json`` and ``loss.png``; returns the metrics.
+
+    Raises:
+      UsageError: a flag or input that cannot work (unknown optimizer, a device count the model
+        cannot be sharded over, a missing data file...), before any training.
+    """
+    try:
+        setup = _setup(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    return _train(args, *setup)
+
+
+def _setup(args: argparse.Namespace):
+    devices = _setup_devices(args.devices)
+
+    import optax
+
+    from jaxlib_ext import data, train
+    from jaxlib_ext.model import LanguageModel, LMConfig
+    from jaxlib_ext.optimizers import make_optimizer
+    from parallel.mesh import make_mesh
+
+    mesh = make_mesh(_mesh_axes(args.devices, args.fsdp), devices=devices)
+    config = LMConfig(
+        d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
+        d_ff=args.d_ff or 4 * args.d_model, max_len=args.seq_len, num_experts=args.experts,
+        top_k=args.top_k, scan_layers=args.scan_layers,
+    )
+    model = LanguageModel(config)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.lr, min(args.warmup, args.steps), max(args.steps, 1), end_value=args.lr / 10
+    )
+    extra = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
+    tx = make_optimizer(args.optimizer, schedule, **extra)
+    corpus = data.load_corpus(args.data)
+    batches = data.TokenBatches(corpus, batch_size=args.batch_size, seq_len=args.seq_len)
+    shardings = train.train_state_shardings(model, tx, mesh)
+    batch_sharding = train.batch_sharding(mesh, global_batch=args.batch_size)
+    return mesh, config, model, tx, batches, shardings, batch_sharding
+
+
+def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) -> dict:
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from jaxlib_ext import costs, train
+
+    state = train.init_train_state(model, tx, shardings, seed=args.seed)
+    step_fn = train.make_train_step(train.lm_loss(model), tx, shardings, batch_sharding)
+    data_state = batches.initial_state(args.seed)
+
+    first, _ = batches.batch(data_state)
+    report = costs.analyze(step_fn, state, train.shard_batch(first, batch_sharding))
+    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+
+    history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "tokens_per_sec": []}
+    start = time.perf_counter()
+    bar = tqdm(range(args.steps), desc="training", unit="step", disable=args.no_progress,
+               dynamic_ncols=True)
+    for _ in bar:
+        tick = time.perf_counter()
+        batch, data_state = batches.batch(data_state)
+        state, metrics = step_fn(state, train.shard_batch(batch, batch_sharding))
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        elapsed = time.perf_counter() - tick
+        history["losses"].append(loss)
+        history["grad_norms"].append(grad_norm)
+        history["tokens_per_sec"].append(int(metrics["tokens"]) / elapsed)
+        bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{grad_norm:.2f}")
+    wall = time.perf_counter() - start
+
+    losses = history["losses"]
+    steady = history["tokens_per_sec"][1:] or history["tokens_per_sec"]
+    tail = losses[-min(20, len(losses)):]
+    summary = {
+        "final_loss": losses[-1],
+        "mean_loss_last_20": float(np.mean(tail)),
+        "min_loss": min(losses),
+        "uniform_loss": math.log(256),
+        "tokens_per_sec_median": float(np.median(steady)),
+        "wall_seconds": wall,
+        "num_params": model.num_params(),
+        "optimizer_state_bytes": opt_bytes,
+        "mesh": dict(mesh.shape),
+        "step_cost": report.summary(),
+    }
+    rows = [
+        ("optimizer", args.optimizer),
+        ("mesh", " x ".join(f"{k}={v}" for k, v in mesh.shape.items())),
+        ("parameters", f"{model.num_params():,}"),
+        ("optimizer state", costs.format_bytes(opt_bytes)),
+        ("steps", f"{args.steps} in {wall:.1f} s"),
+        ("first / final loss", f"{losses[0]:.3f} / {losses[-1]:.3f} nats per byte"),
+        ("mean of last 20", f"{summary['mean_loss_last_20']:.3f} (uniform: {math.log(256):.3f})"),
+        ("tokens / s (median)", f"{summary['tokens_per_sec_median']:,.0f}"),
+        ("peak memory / device", costs.format_bytes(report.memory.peak_bytes)),
+        ("collectives / step", ""),
+    ]
+    print("\nSummary\n" + _table(rows))
+    print(costs.wire_bytes_table(report.wire_bytes()))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"args": {k: v for k, v in vars(args).items() if k != "parser"},
+              "model": vars(config), **history, "summary": summary}
+    (out / "metrics.json").write_text(json.dumps(record, indent=1))
+    _plot(losses, out / "loss.png", f"{args.optimizer}, {model.num_params():,} params, "
+          f"mesh {dict(mesh.shape)}")
+    print(f"\nwrote {out / 'metrics.json'} and {out / 'loss.png'}")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UsageError as err:
+        args.parser.exit(2, f"{args.parser.prog}: error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""A small decoder-only language model in Flax NNX, with logical axis names on every parameter.
+
+The reference model of the library's tests, benchmarks and demo: pre-norm transformer blocks
+(RMSNorm, causal multi-head attention, GELU MLP or a top-k mixture-of-experts MLP), learned position
+embeddings and an untied output head. Options: ``scan_layers`` stacks the blocks' parameters along
+a leading ``layers`` axis and runs them with ``nnx.scan`` (one compiled block); ``num_experts > 0``
+replaces the MLPs with MoE MLPs whose experts are computed densely (every token through every
+expert, weighted by the router's renormalised top-k gates): the plain reference that the expert-
+parallel strategies of :mod:`parallel` are checked against.
+
+Every parameter is an ``nnx.Param`` with ``logical_axes`` metadata, e.g. ``("embed", "mlp")``.
+:class:`LanguageModel` gives the functional view used everywhere else: parameters are a plain nested
+dict of arrays, ``apply(params, tokens)`` is pure, and ``logical_axes`` has the structure of the
+parameters with a tuple of axis names at each leaf (for :func:`parallel.rules.tree_shardings`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_STACK_METADATA = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Shape and options of the reference LM.
+
+    Attributes:
+      vocab_size: token vocabulary (256 for bytes).
+      d_model: residual width; must be divisible by ``num_heads``.
+      num_layers: transformer blocks.
+      num_heads: attention heads.
+      d_ff: hidden width of the MLP (of each expert for MoE).
+      max_len: longest sequence (size of the position table).
+      num_experts: 0 for dense MLPs, else the experts of every MoE MLP.
+      top_k: experts per token (MoE only).
+      router_aux_weight: weight of the load-balancing loss (MoE only).
+      scan_layers: stack the blocks and run them with ``nnx.scan``.
+      dtype: compute dtype of activations and matmuls (``"float32"`` or ``"bfloat16"``).
+      param_dtype: dtype the parameters are stored in.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    d_ff: int = 512
+    max_len: int = 256
+    num_experts: int = 0
+    top_k: int = 2
+    router_aux_weight: float = 0.01
+    scan_layers: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {name}={value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"`d_model` must be divisible by `num_heads`, got d_model={self.d_model}, "
+                f"num_heads={self.num_heads}"
+            )
+        if self.num_experts < 0:
+            raise ValueError(f"`num_experts` must be >= 0, got num_experts={self.num_experts}")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"`top_k` must be in [1, num_experts={self.num_experts}], got top_k={self.top_k}"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"`{name}` must be 'float32' or 'bfloat16', got "
+                                 f"{name}={getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+def _param(rngs: nnx.Rngs, shape, axes, fan_in: int | None, dtype) -> nnx.Param:
+    """A normal(0, 1/sqrt(fan_in)) parameter (0.02 when ``fan_in`` is None) named by ``axes``."""
+    std = 0.02 if fan_in is None else fan_in**-0.5
+    value = jax.random.normal(rngs.params(), shape, jnp.float32) * std
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: LMConfig):
+        self.scale = nnx.Param(jnp.ones((cfg.d_model,), cfg.param_dtype), logical_axes=("embed",))
+        self.dtype = cfg.dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
+        d, h, k, dt = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.param_dtype
+        self.wq = _param(rngs, (d, h, k), ("embed", "heads", "kv"), d, dt)
+        self.wk = _param(rngs, (d, h, k), ("embed", "heads", "kv"), d, dt)
+        self.wv = _param(rngs, (d, h, k), ("embed", "heads", "kv"), d, dt)
+        self.wo = _param(rngs, (h, k, d), ("heads", "kv", "embed"), d * 2 * cfg.num_layers, dt)
+        self.dtype = cfg.dtype
+
+    def __call__(self, x):
+        w = lambda p: p[...].astype(self.dtype)
+        q, k, v = (jnp.einsum("btd,dhk->bthk", x, w(p)) for p in (self.wq, self.wk, self.wv))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return jnp.einsum("bthk,hkd->btd", out, w(self.wo))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
+        d, f, dt = cfg.d_model, cfg.d_ff, cfg.param_dtype
+        self.wi = _param(rngs, (d, f), ("embed", "mlp"), d, dt)
+        self.wo = _param(rngs, (f, d), ("mlp", "embed"), f * 2 * cfg.num_layers, dt)
+        self.dtype = cfg.dtype
+
+    def __call__(self, x):
+        h = jax.nn.gelu(x @ self.wi[...].astype(self.dtype))
+        return h @ self.wo[...].astype(self.dtype), jnp.zeros((), jnp.float32)
+
+
+class MoeMlp(nnx.Module):
+    """Top-k routed experts, computed densely: the reference the sparse strategies must match.
+
+    ``gates = softmax(x @ router)``; the top-k gates of each token are renormalised to sum to 1;
+    ``y = sum_e gate_e * expert_e(x)``. The load-balancing loss is Switch-Transformer style:
+    ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of top-k assignments to expert ``e`` and
+    ``P_e`` its mean router probability (1 when perfectly balanced).
+    """
+
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
+        d, f, e, dt = cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.param_dtype
+        self.router = _param(rngs, (d, e), ("embed", "expert"), d, dt)
+        self.wi = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), d, dt)
+        self.wo = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), f * 2 * cfg.num_layers, dt)
+        self.top_k, self.num_experts, self.dtype = cfg.top_k, e, cfg.dtype
+
+    def __call__(self, x):
+        logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32),
+                            self.router[...].astype(jnp.float32))
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_p, top_i = jax.lax.top_k(probs, self.top_k)
+        assigned = jax.nn.one_hot(top_i, self.num_experts, dtype=jnp.float32)  # [b,t,k,e]
+        combine = jnp.einsum("btk,btke->bte", top_p / jnp.sum(top_p, -1, keepdims=True), assigned)
+        h = jax.nn.gelu(jnp.einsum("btd,edf->btef", x, self.wi[...].astype(self.dtype)))
+        y = jnp.einsum("btef,efd->bted", h, self.wo[...].astype(self.dtype))
+        out = jnp.einsum("bte,bted->btd", combine.astype(self.dtype), y)
+        fraction = jnp.mean(jnp.sum(assigned, axis=2), axis=(0, 1)) / self.top_k
+        aux = self.num_experts * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1)))
+        return out, aux
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg)
+        self.mlp = MoeMlp(cfg, rngs) if cfg.num_experts else Mlp(cfg, rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        y, aux = self.mlp(self.mlp_norm(x))
+        return x + y, aux
+
+
+class TransformerLM(nnx.Module):
+    """The NNX module: ``model(tokens) -> (logits [B, T, V] in float32, aux_loss)``."""
+
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
+        d, dt = cfg.d_model, cfg.param_dtype
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), None, dt)
+        self.position = _param(rngs, (cfg.max_len, d), ("position", "embed"), None, dt)
+        if cfg.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACK_METADATA)
+            def stacked(rngs):
+                return Block(cfg, rngs)
+
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg)
+        self.head = _param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), d, dt)
+
+    def __call__(self, tokens):
+        cfg = self.cfg
+        if tokens.shape[-1] > cfg.max_len:
+            raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_len={cfg.max_len}")
+        x = self.embed[...][tokens] + self.position[...][: tokens.shape[-1]]
+        x = x.astype(cfg.dtype)
+        aux = jnp.zeros((), jnp.float32)
+        if cfg.scan_layers:
+
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                      transform_metadata=_STACK_METADATA)
+            def run(carry, block):
+                x, aux = carry
+                x, block_aux = block(x)
+                return x, aux + block_aux
+
+            x, aux = run((x, aux), self.blocks)
+        else:
+            for block in self.blocks:
+                x, block_aux = block(x)
+                aux = aux + block_aux
+        logits = self.final_norm(x) @ self.head[...].astype(cfg.dtype)
+        return logits.astype(jnp.float32), aux / cfg.num_layers
+
+
+def _is_param(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+class LanguageModel:
+    """The functional view of :class:`TransformerLM`: plain-dict parameters and a pure ``apply``.
+
+    Example:
+      >>> lm = LanguageModel(LMConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=16))
+      >>> params = lm.init(seed=0)
+      >>> logits, aux = lm.apply(params, jnp.zeros((2, 16), jnp.int32))
+      >>> logits.shape
+      (2, 16, 256)
+      >>> lm.logical_axes["blocks"][0]["mlp"]["wi"]
+      ('embed', 'mlp')
+    """
+
+    def __init__(self, config: LMConfig):
+        self.config = config
+        abstract = nnx.eval_shape(lambda: TransformerLM(config, nnx.Rngs(0)))
+        self._graphdef, self._template = nnx.split(abstract, nnx.Param)
+        self.logical_axes = nnx.to_pure_dict(
+            jax.tree.map(lambda v: v.get_metadata()["logical_axes"], self._template,
+                         is_leaf=_is_param)
+        )
+        self.abstract_params = nnx.to_pure_dict(self._template)
+
+    def init(self, seed: int | jax.Array = 0) -> dict:
+        """Fresh parameters (a nested dict of arrays). Jit it with ``out_shardings`` to shard."""
+        return nnx.to_pure_dict(nnx.state(TransformerLM(self.config, nnx.Rngs(seed)), nnx.Param))
+
+    def apply(self, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(logits [B, T, vocab] float32, aux_loss)`` for int tokens ``[B, T]``; pure."""
+        state = jax.tree.map(lambda v: v, self._template, is_leaf=_is_param)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self._graphdef, state)(tokens)
+
+    def num_params(self) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))
