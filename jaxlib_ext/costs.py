@@ -155,12 +155,17 @@ class _Computation:
     conditionals: list[tuple[str, list[str]]]  # (instruction name, branch computations)
 
 
-def _parse_module(hlo_text: str) -> tuple[dict[str, _Computation], str, int]:
-    header = re.search(r"num_partitions=(\d+)", hlo_text)
+def _num_devices(hlo_text: str) -> int:
+    """Devices the module runs on: ``num_partitions x replica_count`` from its header."""
+    partitions = re.search(r"num_partitions=(\d+)", hlo_text)
     replicas = re.search(r"replica_count=(\d+)", hlo_text)
-    num_devices = (int(header.group(1)) if header else 1) * (
+    return (int(partitions.group(1)) if partitions else 1) * (
         int(replicas.group(1)) if replicas else 1
     )
+
+
+def _parse_module(hlo_text: str) -> tuple[dict[str, _Computation], str]:
+    num_devices = _num_devices(hlo_text)
     computations: dict[str, _Computation] = {}
     entry = ""
     current: _Computation | None = None
@@ -208,7 +213,7 @@ def _parse_module(hlo_text: str) -> tuple[dict[str, _Computation], str, int]:
             continue
         for _, callee in _CALLEES.findall(rest):
             current.calls.append((callee, trips))
-    return computations, entry, num_devices
+    return computations, entry
 
 
 def collectives_from_hlo(hlo_text: str) -> list[CollectiveOp]:
@@ -217,7 +222,7 @@ def collectives_from_hlo(hlo_text: str) -> list[CollectiveOp]:
     Args:
       hlo_text: ``jax.jit(f).lower(...).compile().as_text()`` (post-partitioning HLO).
     """
-    computations, entry, num_devices = _parse_module(hlo_text)
+    computations, entry = _parse_module(hlo_text)
     found: list[CollectiveOp] = []
 
     def walk(name: str, executions: int, branch: tuple[tuple[str, int], ...], depth: int) -> None:
@@ -226,8 +231,16 @@ def collectives_from_hlo(hlo_text: str) -> list[CollectiveOp]:
             return
         for kind, op_name, result_bytes, n in comp.ops:
             found.append(
-                CollectiveOp(kind, op_name, name, result_bytes, n, executions, branch,
-                             _wire_bytes(kind, result_bytes, n))
+                CollectiveOp(
+                    kind,
+                    op_name,
+                    name,
+                    result_bytes,
+                    n,
+                    executions,
+                    branch,
+                    _wire_bytes(kind, result_bytes, n),
+                )
             )
         for callee, trips in comp.calls:
             walk(callee, executions * trips, branch, depth + 1)
@@ -358,8 +371,7 @@ def analyze_compiled(compiled: Any) -> CostReport:
     """A :class:`CostReport` of an already compiled program (``jit(f).lower(...).compile()``)."""
     text = compiled.as_text()
     ops = tuple(collectives_from_hlo(text))
-    _, _, num_devices = _parse_module(text)
-    return CostReport(ops, _memory_stats(compiled), _flops(compiled), num_devices)
+    return CostReport(ops, _memory_stats(compiled), _flops(compiled), _num_devices(text))
 
 
 def analyze(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CostReport:

@@ -116,8 +116,9 @@ class TokenBatches:
 
     def __init__(self, tokens: np.ndarray, *, batch_size: int, seq_len: int):
         if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"`batch_size` and `seq_len` must be >= 1, got {batch_size=}, "
-                             f"{seq_len=}")
+            raise ValueError(
+                f"`batch_size` and `seq_len` must be >= 1, got {batch_size=}, {seq_len=}"
+            )
         self.tokens = np.asarray(tokens, dtype=np.uint8)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.num_windows = (self.tokens.size - 1) // seq_len
@@ -141,7 +142,7 @@ class TokenBatches:
         return self._order
 
     def batch(self, state: DataState) -> tuple[np.ndarray, DataState]:
-        """The global batch ``[batch_size, seq_len + 1]`` (int32) at ``state``, and the next state."""
+        """The global batch ``[batch_size, seq_len + 1]`` (int32) at ``state``; the next state."""
         epoch, index = state.epoch, state.index
         if index + self.batch_size > self.num_windows:
             epoch, index = epoch + 1, 0

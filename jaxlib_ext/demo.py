@@ -22,16 +22,26 @@ DEFAULTS = {"steps": 400, "devices": 8, "optimizer": "adamw", "seed": 0, "out": 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jaxlib_ext.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m jaxlib_ext.demo", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps")
     p.add_argument("--devices", type=int, default=DEFAULTS["devices"], help="devices in the mesh")
-    p.add_argument("--fsdp", type=int, default=None,
-                   help="size of the fsdp mesh axis (default: devices/2 for 4+ devices)")
+    p.add_argument(
+        "--fsdp",
+        type=int,
+        default=None,
+        help="size of the fsdp mesh axis (default: devices/2 for 4+ devices)",
+    )
     p.add_argument("--optimizer", default=DEFAULTS["optimizer"], help="optimizer name")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=30, help="linear warmup steps (then cosine)")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="weight decay, for optimizers that take one")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="weight decay, for optimizers that take one",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init and data seed")
     p.add_argument("--out", default=DEFAULTS["out"], help="output directory")
     p.add_argument("--data", default=None, help="text file or directory (default: Python stdlib)")
@@ -46,9 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan-layers", action="store_true", help="stack layers and run nnx.scan")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for name in ("steps", "devices", "batch_size", "seq_len"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("steps", "devices", "batch_size", "seq_len", "warmup"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            p.error(
+                f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, "
+                f"got {getattr(args, name)}"
+            )
     args.parser = p
     return args
 
@@ -59,8 +72,10 @@ def _setup_devices(count: int):
     jax.config.update("jax_num_cpu_devices", max(count, 1))  # CPU only; before the backend starts
     available = jax.devices()
     if count > len(available):
-        raise ValueError(f"--devices {count} requested, but only {len(available)} "
-                         f"{available[0].platform} devices exist")
+        raise ValueError(
+            f"--devices {count} requested, but only {len(available)} "
+            f"{available[0].platform} devices exist"
+        )
     return available[:count]
 
 
@@ -120,16 +135,23 @@ def _setup(args: argparse.Namespace):
     from jaxlib_ext.model import LanguageModel, LMConfig
     from jaxlib_ext.optimizers import make_optimizer
     from parallel.mesh import make_mesh
+    from parallel.rules import activation_constraint
 
     mesh = make_mesh(_mesh_axes(args.devices, args.fsdp), devices=devices)
     config = LMConfig(
-        d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
-        d_ff=args.d_ff or 4 * args.d_model, max_len=args.seq_len, num_experts=args.experts,
-        top_k=args.top_k, scan_layers=args.scan_layers,
+        d_model=args.d_model,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        d_ff=args.d_ff or 4 * args.d_model,
+        max_len=args.seq_len,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        scan_layers=args.scan_layers,
     )
-    model = LanguageModel(config)
+    model = LanguageModel(config, activation_sharding=activation_constraint(mesh))
+    warmup = min(args.warmup, args.steps - 1)
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, args.lr, min(args.warmup, args.steps), max(args.steps, 1), end_value=args.lr / 10
+        0.0, args.lr, warmup, max(args.steps, warmup + 1), end_value=args.lr / 10
     )
     extra = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
     tx = make_optimizer(args.optimizer, schedule, **extra)
@@ -157,8 +179,13 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
 
     history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "tokens_per_sec": []}
     start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="training", unit="step", disable=args.no_progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(args.steps),
+        desc="training",
+        unit="step",
+        disable=args.no_progress,
+        dynamic_ncols=True,
+    )
     for _ in bar:
         tick = time.perf_counter()
         batch, data_state = batches.batch(data_state)
@@ -173,7 +200,7 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
 
     losses = history["losses"]
     steady = history["tokens_per_sec"][1:] or history["tokens_per_sec"]
-    tail = losses[-min(20, len(losses)):]
+    tail = losses[-min(20, len(losses)) :]
     summary = {
         "final_loss": losses[-1],
         "mean_loss_last_20": float(np.mean(tail)),
@@ -203,11 +230,18 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"args": {k: v for k, v in vars(args).items() if k != "parser"},
-              "model": vars(config), **history, "summary": summary}
+    record = {
+        "args": {k: v for k, v in vars(args).items() if k != "parser"},
+        "model": vars(config),
+        **history,
+        "summary": summary,
+    }
     (out / "metrics.json").write_text(json.dumps(record, indent=1))
-    _plot(losses, out / "loss.png", f"{args.optimizer}, {model.num_params():,} params, "
-          f"mesh {dict(mesh.shape)}")
+    _plot(
+        losses,
+        out / "loss.png",
+        f"{args.optimizer}, {model.num_params():,} params, mesh {dict(mesh.shape)}",
+    )
     print(f"\nwrote {out / 'metrics.json'} and {out / 'loss.png'}")
     return record
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 _STACK_METADATA = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
+ACTIVATION_AXES = ("batch", "seq", "embed")
+"""Logical axes of the residual stream ``[B, T, d_model]`` at every block boundary."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +79,9 @@ class LMConfig:
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
-                raise ValueError(f"`{name}` must be 'float32' or 'bfloat16', got "
-                                 f"{name}={getattr(self, name)!r}")
+                raise ValueError(
+                    f"`{name}` must be 'float32' or 'bfloat16', got {name}={getattr(self, name)!r}"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -103,8 +106,25 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax(q k^T / sqrt(d)) v with a causal mask; ``[B, T, H, D]`` in and out.
+
+    Scores and softmax in float32 whatever the input dtype. (``jax.nn.dot_product_attention``
+    computes the same, but its gradient mixes bfloat16 and float32 implicitly, which fails under
+    ``jax_numpy_dtype_promotion="strict"``.)
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    length = q.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, constrain):
+        self.constrain = constrain
         d, h, k, dt = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.param_dtype
         self.wq = _param(rngs, (d, h, k), ("embed", "heads", "kv"), d, dt)
         self.wk = _param(rngs, (d, h, k), ("embed", "heads", "kv"), d, dt)
@@ -114,8 +134,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x):
         w = lambda p: p[...].astype(self.dtype)
-        q, k, v = (jnp.einsum("btd,dhk->bthk", x, w(p)) for p in (self.wq, self.wk, self.wv))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        q, k, v = (
+            self.constrain(jnp.einsum("btd,dhk->bthk", x, w(p)), ("batch", "seq", "heads", "kv"))
+            for p in (self.wq, self.wk, self.wv)
+        )
+        out = causal_attention(q, k, v)
         return jnp.einsum("bthk,hkd->btd", out, w(self.wo))
 
 
@@ -148,8 +171,9 @@ class MoeMlp(nnx.Module):
         self.top_k, self.num_experts, self.dtype = cfg.top_k, e, cfg.dtype
 
     def __call__(self, x):
-        logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32),
-                            self.router[...].astype(jnp.float32))
+        logits = jnp.einsum(
+            "btd,de->bte", x.astype(jnp.float32), self.router[...].astype(jnp.float32)
+        )
         probs = jax.nn.softmax(logits, axis=-1)
         top_p, top_i = jax.lax.top_k(probs, self.top_k)
         assigned = jax.nn.one_hot(top_i, self.num_experts, dtype=jnp.float32)  # [b,t,k,e]
@@ -162,14 +186,21 @@ class MoeMlp(nnx.Module):
         return out, aux
 
 
+def _no_constraint(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    del logical_axes
+    return x
+
+
 class Block(nnx.Module):
-    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, constrain=_no_constraint):
+        self.constrain = constrain
         self.attn_norm = RMSNorm(cfg)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, constrain)
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = MoeMlp(cfg, rngs) if cfg.num_experts else Mlp(cfg, rngs)
 
     def __call__(self, x):
+        x = self.constrain(x, ACTIVATION_AXES)
         x = x + self.attn(self.attn_norm(x))
         y, aux = self.mlp(self.mlp_norm(x))
         return x + y, aux
@@ -178,7 +209,7 @@ class Block(nnx.Module):
 class TransformerLM(nnx.Module):
     """The NNX module: ``model(tokens) -> (logits [B, T, V] in float32, aux_loss)``."""
 
-    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, constrain=_no_constraint):
         d, dt = cfg.d_model, cfg.param_dtype
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), None, dt)
@@ -188,11 +219,11 @@ class TransformerLM(nnx.Module):
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACK_METADATA)
             def stacked(rngs):
-                return Block(cfg, rngs)
+                return Block(cfg, rngs, constrain)
 
             self.blocks = stacked(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([Block(cfg, rngs, constrain) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg)
         self.head = _param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), d, dt)
 
@@ -205,8 +236,9 @@ class TransformerLM(nnx.Module):
         aux = jnp.zeros((), jnp.float32)
         if cfg.scan_layers:
 
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                      transform_metadata=_STACK_METADATA)
+            @nnx.scan(
+                in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=_STACK_METADATA
+            )
             def run(carry, block):
                 x, aux = carry
                 x, block_aux = block(x)
@@ -238,19 +270,29 @@ class LanguageModel:
       ('embed', 'mlp')
     """
 
-    def __init__(self, config: LMConfig):
+    def __init__(self, config: LMConfig, *, activation_sharding=None):
+        """Args:
+        config: the model's shape and options.
+        activation_sharding: optional ``f(x, logical_axes) -> x`` applied to the residual
+          stream at every block boundary (logical axes :data:`ACTIVATION_AXES`), e.g.
+          :func:`parallel.rules.activation_constraint`, to pin activations to the batch
+          sharding instead of leaving the choice to XLA's propagation.
+        """
         self.config = config
-        abstract = nnx.eval_shape(lambda: TransformerLM(config, nnx.Rngs(0)))
+        self._constrain = activation_sharding or _no_constraint
+        abstract = nnx.eval_shape(lambda: TransformerLM(config, nnx.Rngs(0), self._constrain))
         self._graphdef, self._template = nnx.split(abstract, nnx.Param)
         self.logical_axes = nnx.to_pure_dict(
-            jax.tree.map(lambda v: v.get_metadata()["logical_axes"], self._template,
-                         is_leaf=_is_param)
+            jax.tree.map(
+                lambda v: v.get_metadata()["logical_axes"], self._template, is_leaf=_is_param
+            )
         )
         self.abstract_params = nnx.to_pure_dict(self._template)
 
     def init(self, seed: int | jax.Array = 0) -> dict:
         """Fresh parameters (a nested dict of arrays). Jit it with ``out_shardings`` to shard."""
-        return nnx.to_pure_dict(nnx.state(TransformerLM(self.config, nnx.Rngs(seed)), nnx.Param))
+        model = TransformerLM(self.config, nnx.Rngs(seed), self._constrain)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def apply(self, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(logits [B, T, vocab] float32, aux_loss)`` for int tokens ``[B, T]``; pure."""

@@ -77,8 +77,9 @@ def init_train_state(
     return TrainState(step, params, opt_state)
 
 
-def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, *, global_batch: int | None = None
-                   ) -> NamedSharding:
+def batch_sharding(
+    mesh: Mesh, rules: Rules = DEFAULT_RULES, *, global_batch: int | None = None
+) -> NamedSharding:
     """Sharding of a ``[batch, tokens]`` array: the batch over the rules' ``batch`` axes.
 
     Raises:
@@ -138,13 +139,17 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: jax.Array):
         (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # optax's own transforms mix Python floats with int32 counters (``b1 ** count``), which
+        # jax_numpy_dtype_promotion="strict" rejects; the user's transform runs under standard
+        # promotion whatever the global setting (the model and loss stay under the user's).
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "update_norm": optax.global_norm(updates),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(params),
             "tokens": jnp.asarray(batch.shape[0] * (batch.shape[1] - 1), jnp.int32),
             **extra,
         }

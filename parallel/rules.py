@@ -79,9 +79,7 @@ def logical_to_spec(
     entries: list[Any] = []
     for name in logical_axes:
         axes = table.get(name, ()) if name is not None else ()
-        kept = tuple(
-            a for a in axes if a not in used and (mesh is None or a in mesh.axis_names)
-        )
+        kept = tuple(a for a in axes if a not in used and (mesh is None or a in mesh.axis_names))
         used.update(kept)
         entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
     return PartitionSpec(*entries)
@@ -124,6 +122,21 @@ def logical_sharding(
     return NamedSharding(mesh, spec)
 
 
+def activation_constraint(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """``f(x, logical_axes)``: pins an activation to the sharding its logical axes map to.
+
+    Pass it to a model (``LanguageModel(config, activation_sharding=...)``) so that activations
+    stay batch-sharded through the network, as the rules say, rather than as XLA's propagation
+    happens to choose.
+    """
+
+    def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+        sharding = logical_sharding(x.shape, logical_axes, mesh, rules, name="an activation")
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return constrain
+
+
 def _is_axes(x: Any) -> bool:
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
@@ -138,10 +151,15 @@ def tree_shardings(tree: Any, logical_axes: Any, mesh: Mesh, rules: Rules) -> An
     out = []
     for (path, leaf), axes in zip(paths_and_leaves, axes_leaves, strict=True):
         if not _is_axes(axes):
-            raise TypeError(f"logical axes of {jax.tree_util.keystr(path)} must be a tuple of "
-                            f"names, got {axes!r}")
-        out.append(logical_sharding(leaf.shape, axes, mesh, rules,
-                                    name=f"parameter {jax.tree_util.keystr(path)}"))
+            raise TypeError(
+                f"logical axes of {jax.tree_util.keystr(path)} must be a tuple of "
+                f"names, got {axes!r}"
+            )
+        out.append(
+            logical_sharding(
+                leaf.shape, axes, mesh, rules, name=f"parameter {jax.tree_util.keystr(path)}"
+            )
+        )
     return treedef.unflatten(out)
 
 
@@ -176,10 +194,11 @@ def state_param_paths(state: Any, params: Any) -> Any:
       params: the parameters (arrays or ``ShapeDtypeStruct`` leaves).
 
     Returns:
-      A pytree with the structure of ``state`` whose leaves are parameter name tuples or None.
+      A pytree with the structure of ``state`` whose leaves are the owning parameter's path as a
+      ``"/"``-joined string (``"dense/kernel"``), or None.
     """
     owners, treedef = _state_owners(state, params)
-    return treedef.unflatten(owners)
+    return treedef.unflatten([None if o is None else "/".join(map(str, o)) for o in owners])
 
 
 def _state_owners(state: Any, params: Any) -> tuple[list, Any]:
@@ -216,11 +235,10 @@ def derive_state_shardings(state: Any, params: Any, param_shardings: Any, mesh: 
       >>> state = jax.eval_shape(optax.adam(1e-3).init, params)
       >>> s_sh = derive_state_shardings(state, params, p_sh, mesh)
       >>> s_sh[0].mu["w"] == p_sh["w"], s_sh[0].count.spec
-      (True, PartitionSpec())
+      (True, P())
     """
     by_path = {
-        path_names(p): s
-        for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+        path_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
     }
     replicated = NamedSharding(mesh, PartitionSpec())
     owners, treedef = _state_owners(state, params)

@@ -116,9 +116,7 @@ def test_reduce_scatter_and_all_to_all(mesh8):
         exchanged = jax.lax.all_to_all(x, "x", 0, 0, tiled=True)
         return scattered, exchanged
 
-    f = jax.jit(
-        jax.shard_map(body, mesh=mesh8, in_specs=P(None), out_specs=(P("x"), P("x")))
-    )
+    f = jax.jit(jax.shard_map(body, mesh=mesh8, in_specs=P(None), out_specs=(P("x"), P("x"))))
     report = costs.analyze(f, _put(jnp.ones((64, 32), jnp.float32), mesh8, P()))
     wire = report.wire_bytes()
     assert wire["reduce-scatter"] == 7168
