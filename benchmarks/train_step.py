@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, time_calls, use_cpu_devices, write_json  # noqa: E402
+from benchmarks.common import machine, time_calls, use_cpu_devices, write_json
 
 
 def main() -> None:
@@ -42,13 +42,20 @@ def main() -> None:
     from parallel.rules import activation_constraint
 
     mesh = make_mesh({"data": 2, "fsdp": -1} if args.devices % 2 == 0 else {"fsdp": -1})
-    cfg = LMConfig(d_model=args.d_model, num_layers=args.layers, num_heads=4,
-                   d_ff=4 * args.d_model, max_len=args.seq_len)
+    cfg = LMConfig(
+        d_model=args.d_model,
+        num_layers=args.layers,
+        num_heads=4,
+        d_ff=4 * args.d_model,
+        max_len=args.seq_len,
+    )
     tx = optax.adamw(1e-3)
     batch_np = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.seq_len + 1))
     variants = {}
-    for name, constrain in (("xla-propagation", None), ("activation-constraints",
-                                                         activation_constraint(mesh))):
+    for name, constrain in (
+        ("xla-propagation", None),
+        ("activation-constraints", activation_constraint(mesh)),
+    ):
         lm = LanguageModel(cfg, activation_sharding=constrain)
         shardings = train.train_state_shardings(lm, tx, mesh)
         bsh = train.batch_sharding(mesh, global_batch=args.batch_size)
@@ -56,8 +63,13 @@ def main() -> None:
         step = train.make_train_step(train.lm_loss(lm), tx, shardings, bsh)
         state = train.init_train_state(lm, tx, shardings, seed=0)
         report = costs.analyze(step, state, batch)
-        variants[name] = {"step": step, "state": state, "batch": batch, "report": report,
-                          "times": []}
+        variants[name] = {
+            "step": step,
+            "state": state,
+            "batch": batch,
+            "report": report,
+            "times": [],
+        }
 
     def run(v):
         for _ in range(args.steps_per_round):
@@ -66,24 +78,36 @@ def main() -> None:
 
     for _ in range(args.rounds):  # alternate, so drifts in machine load hit both alike
         for v in variants.values():
-            v["times"] += [t / args.steps_per_round for t in time_calls(lambda v=v: run(v),
-                                                                        repeats=1, warmup=1)]
+            v["times"] += [
+                t / args.steps_per_round
+                for t in time_calls(lambda v=v: run(v), repeats=1, warmup=1)
+            ]
     rows = {}
     for name, v in variants.items():
         r = v["report"]
-        rows[name] = {"step_seconds_median": statistics.median(v["times"]),
-                      "wire_bytes_per_device": r.wire_bytes(),
-                      "peak_bytes_per_device": r.memory.peak_bytes}
+        rows[name] = {
+            "step_seconds_median": statistics.median(v["times"]),
+            "wire_bytes_per_device": r.wire_bytes(),
+            "peak_bytes_per_device": r.memory.peak_bytes,
+        }
     base, new = rows["xla-propagation"], rows["activation-constraints"]
     ratio = base["step_seconds_median"] / new["step_seconds_median"]
     print(f"{'variant':<24}{'step (ms)':>12}{'collective MiB':>16}{'peak MiB':>10}")
     for name, row in rows.items():
         wire = sum(row["wire_bytes_per_device"].values()) / 2**20
-        print(f"{name:<24}{row['step_seconds_median'] * 1e3:>12.1f}{wire:>16.2f}"
-              f"{row['peak_bytes_per_device'] / 2**20:>10.2f}")
+        print(
+            f"{name:<24}{row['step_seconds_median'] * 1e3:>12.1f}{wire:>16.2f}"
+            f"{row['peak_bytes_per_device'] / 2**20:>10.2f}"
+        )
     print(f"speed-up of activation constraints: {ratio:.2f}x")
-    record = {"machine": machine(), "config": vars(args), "model_params": lm.num_params(),
-              "mesh": dict(mesh.shape), "variants": rows, "speedup": ratio}
+    record = {
+        "machine": machine(),
+        "config": vars(args),
+        "model_params": lm.num_params(),
+        "mesh": dict(mesh.shape),
+        "variants": rows,
+        "speedup": ratio,
+    }
     print("wrote", write_json(args.out, record))
 
 
