@@ -42,6 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="weight decay, for optimizers that take one",
     )
+    p.add_argument(
+        "--opt-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an optimizer hyperparameter, e.g. --opt-arg reset_interval=100 (repeatable); "
+        "the coordinate-clipped optimizers default to fraction=0.01",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init and data seed")
     p.add_argument("--out", default=DEFAULTS["out"], help="output directory")
     p.add_argument("--data", default=None, help="text file or directory (default: Python stdlib)")
@@ -85,6 +93,27 @@ def _mesh_axes(devices: int, fsdp: int | None) -> dict[str, int]:
     if fsdp < 1 or devices % fsdp:
         raise ValueError(f"--fsdp {fsdp} must divide --devices {devices}")
     return {"data": devices // fsdp, "fsdp": fsdp}
+
+
+def _optimizer_args(pairs: list[str]) -> dict[str, object]:
+    """``["reset_interval=100", "nesterov=true"]`` -> ``{"reset_interval": 100, ...}``."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--opt-arg takes NAME=VALUE, got {pair!r}")
+        value: object = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        out[name] = value
+    return out
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -154,6 +183,9 @@ def _setup(args: argparse.Namespace):
         0.0, args.lr, warmup, max(args.steps, warmup + 1), end_value=args.lr / 10
     )
     extra = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
+    extra.update(_optimizer_args(args.opt_arg))
+    if args.optimizer.endswith("coordinate_clipped"):
+        extra.setdefault("fraction", 0.01)
     tx = make_optimizer(args.optimizer, schedule, **extra)
     corpus = data.load_corpus(args.data)
     batches = data.TokenBatches(corpus, batch_size=args.batch_size, seq_len=args.seq_len)

@@ -168,11 +168,18 @@ def _assert_same_layout(actual: Any, expected: Any, what: str) -> None:
     s_act, s_exp = jax.tree.structure(actual), jax.tree.structure(expected)
     assert s_act == s_exp, f"{what}: tree structure changed\n  {s_exp}\n->{s_act}"
     bad = [
-        f"  {path}: {tuple(e.shape)} {jnp.dtype(e.dtype)} -> {tuple(a.shape)} {jnp.dtype(a.dtype)}"
+        f"  {path}: {tuple(e.shape)} {e.dtype} -> {tuple(a.shape)} {a.dtype}"
         for (path, a), (_, e) in zip(_path_leaves(actual), _path_leaves(expected), strict=True)
-        if tuple(a.shape) != tuple(e.shape) or jnp.dtype(a.dtype) != jnp.dtype(e.dtype)
+        if tuple(a.shape) != tuple(e.shape) or a.dtype != e.dtype
     ]
     assert not bad, f"{what}: leaves changed shape or dtype\n" + "\n".join(bad)
+
+
+def _plain(x: Any) -> np.ndarray:
+    """A leaf as a float64 NumPy array (PRNG keys as their raw key data)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x).astype(np.float64)
 
 
 def _assert_trees_close(actual: Any, expected: Any, case: Case, what: str) -> None:
@@ -180,8 +187,8 @@ def _assert_trees_close(actual: Any, expected: Any, case: Case, what: str) -> No
     assert s_act == s_exp, f"{what}: tree structure differs\n  {s_exp}\n  {s_act}"
     for (path, a), (_, e) in zip(_path_leaves(actual), _path_leaves(expected), strict=True):
         np.testing.assert_allclose(
-            np.asarray(a).astype(np.float64),
-            np.asarray(e).astype(np.float64),
+            _plain(a),
+            _plain(e),
             rtol=case.rtol,
             atol=case.atol,
             err_msg=f"{what} at {path}",
@@ -348,9 +355,9 @@ def check_dtypes(case: Case) -> None:
                 )
                 params = optax.apply_updates(params, updates)
             changed = [
-                f"  {path}: {jnp.dtype(a.dtype)} -> {jnp.dtype(b.dtype)}"
+                f"  {path}: {a.dtype} -> {b.dtype}"
                 for (path, a), (_, b) in zip(_path_leaves(state0), _path_leaves(state), strict=True)
-                if jnp.dtype(a.dtype) != jnp.dtype(b.dtype)
+                if a.dtype != b.dtype
             ]
             assert not changed, f"[{case.name}] {name} params: state dtypes changed\n" + (
                 "\n".join(changed)

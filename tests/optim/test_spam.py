@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import optim
-from tests.optim import reference
+from tests.optim import battery, reference
 
 SHAPES = {"w": (6, 5), "b": (5,)}
 HP = dict(
@@ -246,3 +246,45 @@ def test_non_finite_gradients_are_skipped_with_apply_if_finite():
     assert np.all(np.asarray(upd["w"]) == 0)
     inner = state.inner_state[0]
     assert int(inner.count) == 0 and np.all(np.isfinite(np.asarray(inner.mu["w"])))
+
+
+BATTERY = [
+    battery.Case(
+        name="spam",
+        factory=optim.spam,
+        kwargs=dict(
+            learning_rate=1e-2,
+            reset_interval=50,
+            warmup_steps=5,
+            no_clip_steps=2,
+            weight_decay=1e-4,
+        ),
+        static_args=("density", "seed"),
+    ),
+    battery.Case(
+        name="spam-sparse",
+        factory=optim.spam,
+        kwargs=dict(
+            learning_rate=1e-2,
+            density=0.5,
+            reset_interval=50,
+            warmup_steps=5,
+            no_clip_steps=2,
+        ),
+        static_args=("density", "seed"),
+        quadratic_steps=1000,
+        logistic_steps=1000,
+    ),
+    battery.Case(
+        name="clip-spikes",
+        factory=optim.clip_spikes,
+        kwargs=dict(reset_interval=50, no_clip_steps=2),
+        has_learning_rate=False,
+        logistic_steps=1500,
+    ),
+]
+
+
+@battery.parametrize(BATTERY)
+def test_battery(case, check):
+    check(case)
