@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from optim.hyperparams import check_learning_rate, check_range
-from optim.moments import bias_correction, tree_ema, zeros_like
+from optim.moments import after, bias_correction, tree_ema, zeros_like
 
 
 class ScaleByDiffGradState(NamedTuple):
@@ -108,7 +108,11 @@ def scale_by_diffgrad(
             return (step_scale * m32 * friction / (jnp.sqrt(v32) + eps32)).astype(g.dtype)
 
         out = jax.tree.map(direction, updates, state.prev_grad, mu, nu)
-        prev = jax.tree.map(lambda g, p: g.astype(p.dtype), updates, state.prev_grad)
+        # `after`: write the new previous gradient only once the direction has read the old one
+        # (otherwise XLA copies the donated buffer every step; see optim.spam.after).
+        prev = jax.tree.map(
+            lambda g, p, u: after(g.astype(p.dtype), u), updates, state.prev_grad, out
+        )
         return out, ScaleByDiffGradState(count, mu, nu, prev)
 
     return optax.GradientTransformation(init_fn, update_fn)

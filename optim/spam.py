@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from optim.hyperparams import check_learning_rate, check_range, static_int, static_number
-from optim.moments import bias_correction, ema, zeros_like
+from optim.moments import after, bias_correction, ema, zeros_like
 
 
 class ScaleBySpamState(NamedTuple):
@@ -104,6 +104,14 @@ def check_steps(reset_interval: Any, warmup_steps: Any = 0, no_clip_steps: Any =
                 f"`no_clip_steps` must be < reset_interval={reset_interval}, got "
                 f"no_clip_steps={no_clip_steps}"
             )
+
+
+def clipped_square(g: jax.Array, v: jax.Array, threshold: Any, active: jax.Array) -> jax.Array:
+    """The square of :func:`clip_spike`'s output, ``min(g**2, theta * v)`` when ``active``."""
+    g32 = g.astype(jnp.float32)
+    square = g32 * g32
+    bound = jnp.asarray(threshold).astype(jnp.float32) * v.astype(jnp.float32)
+    return jnp.where(active, jnp.minimum(square, bound), square).astype(g.dtype)
 
 
 def _default_sparse(params: Any) -> Any:
@@ -247,8 +255,10 @@ def scale_by_spam(
             gk = g.reshape(-1)[idx] if sparse_leaf else g
             m = jnp.where(reset, jnp.zeros_like(m), m)
             v = jnp.where(reset, jnp.zeros_like(v), v)
-            gk = clip_spike(gk, v, spike_threshold, active)
-            m, v = ema(m, gk, b1), ema(v, gk, b2, order=2)
+            # The clipped g feeds m; v takes min(g**2, theta * v), the same value without the
+            # square root, so that XLA can fuse each moment update on its own.
+            m = ema(m, clip_spike(gk, v, spike_threshold, active), b1)
+            v = after(ema(v, clipped_square(gk, v, spike_threshold, active), b2), m)
             u = scale * m.astype(jnp.float32) / (jnp.sqrt(v.astype(jnp.float32)) + eps32)
             if sparse_leaf:
                 u = jnp.zeros(g.size, jnp.float32).at[idx].set(u).reshape(g.shape)
