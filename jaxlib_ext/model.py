@@ -126,20 +126,25 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, constrain):
         self.constrain = constrain
         d, h, k, dt = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.param_dtype
-        self.wq = _param(rngs, (d, h, k), ("embed", "heads", "kv"), d, dt)
-        self.wk = _param(rngs, (d, h, k), ("embed", "heads", "kv"), d, dt)
-        self.wv = _param(rngs, (d, h, k), ("embed", "heads", "kv"), d, dt)
-        self.wo = _param(rngs, (h, k, d), ("heads", "kv", "embed"), d * 2 * cfg.num_layers, dt)
+        # 2-D kernels (heads x head_dim merged on one axis), as matrix-based optimizers expect
+        self.wq = _param(rngs, (d, h * k), ("embed", "heads"), d, dt)
+        self.wk = _param(rngs, (d, h * k), ("embed", "heads"), d, dt)
+        self.wv = _param(rngs, (d, h * k), ("embed", "heads"), d, dt)
+        self.wo = _param(rngs, (h * k, d), ("heads", "embed"), d * 2 * cfg.num_layers, dt)
+        self.num_heads = h
         self.dtype = cfg.dtype
 
     def __call__(self, x):
         w = lambda p: p[...].astype(self.dtype)
-        q, k, v = (
-            self.constrain(jnp.einsum("btd,dhk->bthk", x, w(p)), ("batch", "seq", "heads", "kv"))
-            for p in (self.wq, self.wk, self.wv)
-        )
+        b, t, _ = x.shape
+
+        def heads(p):
+            split = (x @ w(p)).reshape(b, t, self.num_heads, -1)
+            return self.constrain(split, ("batch", "seq", "heads", "kv"))
+
+        q, k, v = heads(self.wq), heads(self.wk), heads(self.wv)
         out = causal_attention(q, k, v)
-        return jnp.einsum("bthk,hkd->btd", out, w(self.wo))
+        return out.reshape(b, t, -1) @ w(self.wo)
 
 
 class Mlp(nnx.Module):
