@@ -70,10 +70,13 @@ def test_notebook_runs(path: Path, kernel_name: str):
         kernel_name=kernel_name,
         resources={"metadata": {"path": str(ROOT)}},  # the kernel's working directory
     )
+    failure = None
     try:
         client.execute()
-    except CellExecutionError as err:
-        pytest.fail(f"{path.relative_to(ROOT)} failed in a cell:\n{err}", pytrace=False)
+    except CellExecutionError as err:  # its message holds the cell's source and traceback
+        failure = f"{path.name} failed in a cell:\n{err}"
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
 
 
 def test_notebooks_exist():

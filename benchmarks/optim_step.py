@@ -1,0 +1,369 @@
+"""Optimizer step cost: SPAM, diffGrad and coordinate-wise clipping against optax's AdamW and SGD.
+
+For transformer-like parameter trees of about 10M, 50M and 200M float32 parameters (an embedding,
+four blocks of q/k/v, output and MLP matrices, layer-norm scales and biases), each optimizer's
+jitted, donated step ``(params, state, grads) -> (params, state)`` (update then
+``optax.apply_updates``, ``donate_argnums=(0, 1)``) is timed side by side with its baseline:
+alternating round-robin over several rounds (the start rotating every round), after a warm-up, each
+round's time blocked with ``block_until_ready``. A ratio is the median over rounds of the
+per-round ratio to the baseline timed in the same round, so drifts in machine load cancel.
+Peak memory is the compiled step's (``jaxlib_ext.costs.analyze``), state bytes the sum of the
+state's leaves.
+
+Groups (each size's arrays are freed before the next group and size):
+
+- adam: ``optax.adamw`` (baseline), ``optim.spam``, ``optim.diffgrad``,
+  ``optim.adam_coordinate_clipped(fraction=0.01)``;
+- sgd: ``optax.sgd`` (baseline), ``chain(optim.coordinate_clip(0.01), optax.sgd)``,
+  ``optim.sgd_coordinate_clipped(fraction=0.01)`` (momentum 0.9), and ``optax.sgd`` with momentum
+  0.9 as the like-for-like baseline of the last one;
+- torch (only if ``torch`` and ``pytorch_optimizer`` import): pytorch_optimizer's SPAM and
+  DiffGrad, each paired with ours, ``torch.set_num_threads(os.cpu_count())``.
+
+Usage:
+
+    python benchmarks/optim_step.py [--sizes 10M,50M,200M] [--rounds 7] [--steps-per-round 3]
+    python benchmarks/optim_step.py --quick   # a tiny smoke size
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine, time_calls, use_cpu_devices, write_json
+
+LAYERS = 4
+VOCAB_PER_D = 16  # embedding rows per model dimension (d=2048 -> a 32k vocabulary)
+SPAM_DIFFGRAD_TARGET = 1.15  # times adamw's step
+CLIP_TARGET = 2.0  # times an SGD step
+
+
+def parse_size(text: str) -> int:
+    """``"10M"`` -> 10_000_000; ``"250k"`` -> 250_000; plain integers too."""
+    text = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def layout(target: int) -> dict[str, tuple[int, ...]]:
+    """Leaf shapes of a transformer-like tree of about ``target`` parameters.
+
+    An embedding of ``16 d x d``, ``LAYERS`` blocks of ``d x 3d`` (qkv), ``d x d`` (out),
+    ``d x 4d`` and ``4d x d`` (MLP) with their biases and two layer-norm scales, and a final
+    layer-norm scale: about ``64 d^2`` parameters, ``d`` a multiple of 32.
+    """
+    d = max(32, 32 * round(math.sqrt(target / (12 * LAYERS + VOCAB_PER_D)) / 32))
+    shapes: dict[str, tuple[int, ...]] = {"embed": (VOCAB_PER_D * d, d)}
+    for i in range(LAYERS):
+        shapes |= {
+            f"block{i}/ln1": (d,),
+            f"block{i}/qkv": (d, 3 * d),
+            f"block{i}/qkv_bias": (3 * d,),
+            f"block{i}/out": (d, d),
+            f"block{i}/out_bias": (d,),
+            f"block{i}/ln2": (d,),
+            f"block{i}/mlp_in": (d, 4 * d),
+            f"block{i}/mlp_in_bias": (4 * d,),
+            f"block{i}/mlp_out": (4 * d, d),
+            f"block{i}/mlp_out_bias": (d,),
+        }
+    shapes["final_ln"] = (d,)
+    return shapes
+
+
+def optimizers() -> dict[str, dict[str, Callable[[], object]]]:
+    """Groups of ``name -> factory``; the first of each group is its baseline."""
+    import optax
+
+    import optim
+
+    return {
+        "adam": {
+            "adamw": lambda: optax.adamw(1e-3),
+            "spam": lambda: optim.spam(1e-3),
+            "diffgrad": lambda: optim.diffgrad(1e-3),
+            "adam_coordinate_clipped": lambda: optim.adam_coordinate_clipped(1e-3, fraction=0.01),
+        },
+        "sgd": {
+            "sgd": lambda: optax.sgd(1e-2),
+            "coordinate_clip+sgd": lambda: optax.chain(
+                optim.coordinate_clip(0.01), optax.sgd(1e-2)
+            ),
+            "sgd_coordinate_clipped": lambda: optim.sgd_coordinate_clipped(1e-2, fraction=0.01),
+            "sgd_momentum": lambda: optax.sgd(1e-2, momentum=0.9),
+        },
+    }
+
+
+class JaxRunner:
+    """One optimizer's donated step, with its own params and state."""
+
+    def __init__(self, tx, make_params, grads):
+        import jax
+        import optax
+
+        from jaxlib_ext import costs
+
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        self.step = jax.jit(step, donate_argnums=(0, 1))
+        self.params = make_params()
+        self.state = tx.init(self.params)
+        self.grads = grads
+        self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        memory = costs.analyze(self.step, self.params, self.state, grads).memory
+        self.peak_bytes = memory.peak_bytes
+        self.alias_bytes = memory.alias_bytes
+        self.temp_bytes = memory.temp_bytes
+
+    def run(self, steps: int) -> None:
+        import jax
+
+        for _ in range(steps):
+            self.params, self.state = self.step(self.params, self.state, self.grads)
+        jax.block_until_ready((self.params, self.state))
+
+    def free(self) -> None:
+        import jax
+
+        for x in jax.tree.leaves((self.params, self.state)):
+            x.delete()
+        self.params = self.state = self.grads = None
+
+
+class TorchRunner:
+    """A pytorch_optimizer optimizer over torch tensors of the same shapes."""
+
+    def __init__(self, cls, shapes: dict[str, tuple[int, ...]]):
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        self.params = []
+        for shape in shapes.values():
+            p = torch.nn.Parameter(0.02 * torch.randn(shape, generator=gen))
+            p.grad = 1e-3 * torch.randn(shape, generator=gen)
+            self.params.append(p)
+        self.opt = cls(self.params, lr=1e-3)
+        self.opt.step()  # creates the state
+        self.state_bytes = sum(
+            v.nbytes
+            for s in self.opt.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor)
+        )
+        self.peak_bytes = None
+        self.alias_bytes = None
+        self.temp_bytes = None
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.opt.step()
+
+    def free(self) -> None:
+        self.opt = self.params = None
+
+
+def torch_optimizers():
+    """``{"spam": (ours, theirs), "diffgrad": ...}`` if torch and pytorch_optimizer import."""
+    try:
+        import pytorch_optimizer
+        import torch
+    except ImportError as e:
+        print(f"torch / pytorch_optimizer not importable ({e}); their SPAM and DiffGrad skipped")
+        return {}
+    import optim
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {
+        "spam": (lambda: optim.spam(1e-3), pytorch_optimizer.SPAM),
+        "diffgrad": (lambda: optim.diffgrad(1e-3), pytorch_optimizer.DiffGrad),
+    }
+
+
+def measure(runners: dict, *, rounds: int, steps: int, warmup: int) -> dict[str, dict]:
+    """Round-robin timing; per runner the per-step seconds of every round."""
+    names = list(runners)
+    for name in names:
+        runners[name].run(warmup)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):  # alternate, so drifts in machine load hit all alike
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            (t,) = time_calls(lambda n=name: runners[n].run(steps), repeats=1, warmup=0)
+            times[name].append(t / steps)
+    base = names[0]
+    out = {}
+    for name in names:
+        paired = [t / b for t, b in zip(times[name], times[base], strict=True)]
+        out[name] = {
+            "step_seconds_median": statistics.median(times[name]),
+            "step_seconds": times[name],
+            "baseline": base,
+            "ratio_to_baseline": statistics.median(paired),
+            "ratio_of_medians": statistics.median(times[name]) / statistics.median(times[base]),
+            "state_bytes": runners[name].state_bytes,
+            "peak_bytes_per_device": runners[name].peak_bytes,
+            "alias_bytes_per_device": runners[name].alias_bytes,
+            "temp_bytes_per_device": runners[name].temp_bytes,
+        }
+    return out
+
+
+def make_tree(shapes: dict[str, tuple[int, ...]], seed: int, scale: float):
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return {
+        name: scale * jax.random.normal(k, shape, jnp.float32)
+        for k, (name, shape) in zip(keys, shapes.items(), strict=True)
+    }
+
+
+def run_size(label: str, target: int, args, torch_pairs) -> dict:
+    import jax
+
+    shapes = layout(target)
+    num_params = sum(math.prod(s) for s in shapes.values())
+    print(
+        f"\n== {label}: {num_params / 1e6:.1f}M params, {len(shapes)} leaves, "
+        f"d={shapes['final_ln'][0]} ==",
+        flush=True,
+    )
+    grads = make_tree(shapes, 1, 1e-3)
+
+    def params():  # every optimizer gets its own copy (its step donates them)
+        return make_tree(shapes, 0, 0.02)
+
+    groups: dict[str, dict] = {}
+    plan = [
+        (group, {n: (lambda f=f: JaxRunner(f(), params, grads)) for n, f in opts.items()})
+        for group, opts in optimizers().items()
+    ]
+    for name, (ours, theirs) in torch_pairs.items():
+        plan.append(
+            (
+                f"torch_{name}",
+                {
+                    name: lambda f=ours: JaxRunner(f(), params, grads),
+                    f"pytorch_optimizer.{theirs.__name__}": (
+                        lambda c=theirs: TorchRunner(c, shapes)
+                    ),
+                },
+            )
+        )
+    for group, makers in plan:
+        start = time.perf_counter()
+        runners = {name: make() for name, make in makers.items()}
+        groups[group] = measure(
+            runners, rounds=args.rounds, steps=args.steps_per_round, warmup=args.warmup
+        )
+        for runner in runners.values():
+            runner.free()
+        del runners
+        gc.collect()
+        print(f"  {group}: {time.perf_counter() - start:.0f} s", flush=True)
+    for x in jax.tree.leaves(grads):
+        x.delete()
+    return {"num_params": num_params, "num_leaves": len(shapes), "groups": groups}
+
+
+def mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def print_table(results: dict) -> None:
+    header = f"{'size':<6}{'optimizer':<36}{'step ms':>9}{'ratio':>8}{'vs':>10}"
+    print("\n" + header + f"{'state MiB':>11}{'peak MiB':>10}")
+    for label, res in results.items():
+        for rows in res["groups"].values():
+            for name, row in rows.items():
+                print(
+                    f"{label:<6}{name:<36}{row['step_seconds_median'] * 1e3:>9.1f}"
+                    f"{row['ratio_to_baseline']:>8.2f}{row['baseline']:>10}"
+                    f"{mib(row['state_bytes']):>11}{mib(row['peak_bytes_per_device']):>10}"
+                )
+
+
+def verdicts(results: dict) -> list[dict]:
+    out = []
+    for label, res in results.items():
+        g = res["groups"]
+        checks = [
+            ("spam", g["adam"]["spam"], SPAM_DIFFGRAD_TARGET),
+            ("diffgrad", g["adam"]["diffgrad"], SPAM_DIFFGRAD_TARGET),
+            ("coordinate_clip+sgd", g["sgd"]["coordinate_clip+sgd"], CLIP_TARGET),
+        ]
+        for name, row, target in checks:
+            out.append(
+                {
+                    "size": label,
+                    "optimizer": name,
+                    "baseline": row["baseline"],
+                    "ratio": row["ratio_to_baseline"],
+                    "target": target,
+                    "met": row["ratio_to_baseline"] <= target,
+                }
+            )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="10M,50M,200M", help="comma-separated parameter counts")
+    p.add_argument("--quick", action="store_true", help="one tiny size, few rounds (smoke test)")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps-per-round", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first")
+    p.add_argument("--out", default="benchmarks/out/optim_step.json")
+    args = p.parse_args()
+    if args.quick:
+        args.sizes, args.rounds, args.steps_per_round, args.warmup = "100k", 3, 2, 1
+    use_cpu_devices(1)
+    start = time.perf_counter()
+    torch_pairs = torch_optimizers()
+    results = {}
+    for label in args.sizes.split(","):
+        results[label.strip()] = run_size(label.strip(), parse_size(label), args, torch_pairs)
+    print_table(results)
+    checks = verdicts(results)
+    print("\ntargets (ratio = median over rounds of step time / baseline's in the same round):")
+    for c in checks:
+        print(
+            f"  {c['size']:<6}{c['optimizer']:<22}{c['ratio']:.2f}x {c['baseline']} "
+            f"(target <= {c['target']}x): {'met' if c['met'] else 'MISSED'}"
+        )
+    for label, res in results.items():
+        for group, rows in res["groups"].items():
+            if group.startswith("torch_"):
+                _, theirs = rows.values()
+                print(
+                    f"  {label:<6}{group}: pytorch_optimizer / ours = "
+                    f"{theirs['ratio_to_baseline']:.2f}x"
+                )
+    elapsed = time.perf_counter() - start
+    print(f"total {elapsed:.0f} s")
+    record = {
+        "machine": machine(),
+        "config": vars(args),
+        "torch_compared": bool(torch_pairs),
+        "sizes": results,
+        "targets": checks,
+        "seconds": elapsed,
+    }
+    print("wrote", write_json(args.out, record))
+
+
+if __name__ == "__main__":
+    main()
