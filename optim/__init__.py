@@ -11,6 +11,11 @@ from optim.coordinate_clipped import sgd_coordinate_clipped as sgd_coordinate_cl
 from optim.diffgrad import ScaleByDiffGradState as ScaleByDiffGradState
 from optim.diffgrad import diffgrad as diffgrad
 from optim.diffgrad import scale_by_diffgrad as scale_by_diffgrad
+from optim.frugal import FrugalState as FrugalState
+from optim.frugal import default_projectable as default_projectable
+from optim.frugal import frugal as frugal
+from optim.frugal import frugal_projections as frugal_projections
+from optim.frugal import scale_by_frugal as scale_by_frugal
 from optim.momentum_reset import clip_spikes as clip_spikes
 from optim.momentum_reset import periodic_reset as periodic_reset
 from optim.momentum_reset import scale_by_spam_warmup as scale_by_spam_warmup

@@ -141,3 +141,128 @@ class AdamCoordinateClipped:
             u[name] = m_hat / (np.sqrt(v_hat) + h["eps"])
         u = clip_top(u, h["cu"], h["scale"])
         return {k: p - h["lr"] * (u[k] + h["wd"] * p) for k, p in params.items()}
+
+
+def _adam_dir(m, v, d, b1, b2, eps, count):
+    m = b1 * m + (1 - b1) * d
+    v = b2 * v + (1 - b2) * d * d
+    return (m / (1 - b1**count)) / (np.sqrt(v / (1 - b2**count)) + eps), m, v
+
+
+def _free(rule, r):
+    return {"sign_sgd": np.sign(r), "sgd": r, "none": np.zeros_like(r)}[rule]
+
+
+class Frugal:
+    """FRUGAL on a flat dict of float64 arrays, from the spec.
+
+    ``step(params, grads, choose)``: ``choose(name, g)`` returns the subspace of a projectable
+    matrix at a refresh: ``("rows"|"cols"|"flat", indices)`` for selections or
+    ``("proj_rows", A)`` / ``("proj_cols", B)`` for projectors; ``blocks(refresh_index)`` (block
+    mode) returns the set of active block names (``"name"`` or ``"name[l]"`` for a stack)."""
+
+    def __init__(
+        self,
+        projectable,
+        *,
+        lr,
+        mode,
+        T,
+        free_rule="sign_sgd",
+        free_scale=1.0,
+        proj_scale=1.0,
+        reset=True,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        wd=0.0,
+    ):
+        self.projectable, self.mode, self.T = projectable, mode, T
+        self.hp = dict(
+            lr=lr,
+            free_rule=free_rule,
+            fs=free_scale,
+            ps=proj_scale,
+            reset=reset,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            wd=wd,
+        )
+        self.s = 0
+        self.inner = 0
+        self.m, self.v, self.sub = {}, {}, {}
+
+    def _adam(self, key, d, count):
+        h = self.hp
+        m = self.m.get(key, np.zeros_like(d))
+        v = self.v.get(key, np.zeros_like(d))
+        u, self.m[key], self.v[key] = _adam_dir(m, v, d, h["b1"], h["b2"], h["eps"], count)
+        return u
+
+    def step(self, params, grads, choose=None, blocks=None):
+        h = self.hp
+        refresh = self.s % self.T == 0
+        refresh_index = self.s // self.T
+        self.s += 1
+        if refresh and h["reset"]:
+            self.m = {k: v for k, v in self.m.items() if not k.startswith("P:")}
+            self.v = {k: v for k, v in self.v.items() if not k.startswith("P:")}
+            self.inner = 0
+        self.inner = self.inner + 1 if h["reset"] else self.s
+        active = blocks(refresh_index) if (self.mode == "block" and refresh) else None
+        if active is not None:
+            self.active = active
+        out = {}
+        for name, g in grads.items():
+            if not self.projectable[name]:
+                u = self._adam("R:" + name, g, self.s)
+            elif self.mode == "block":
+                mats = g if g.ndim == 3 else g[None]
+                pieces = []
+                for layer, block in enumerate(mats):
+                    bname = f"{name}[{layer}]" if g.ndim == 3 else name
+                    if bname in self.active:
+                        pieces.append(h["ps"] * self._adam("P:" + bname, block, self.inner))
+                    else:
+                        pieces.append(h["ps"] * h["fs"] * _free(h["free_rule"], block))
+                u = np.stack(pieces) if g.ndim == 3 else pieces[0]
+            else:
+                mats = g if g.ndim == 3 else g[None]
+                pieces = []
+                for layer, mat in enumerate(mats):
+                    key = f"{name}[{layer}]"
+                    if refresh:
+                        self.sub[key] = choose(name, layer, mat)
+                    kind, sub = self.sub[key]
+                    if kind == "rows":
+                        low = mat[sub]
+                        up = lambda x, sub=sub, mat=mat: _scatter_rows(x, sub, mat.shape)
+                    elif kind == "cols":
+                        low = mat[:, sub]
+                        up = lambda x, sub=sub, mat=mat: _scatter_rows(x.T, sub, mat.T.shape).T
+                    elif kind == "flat":
+                        low = mat.reshape(-1)[sub]
+                        up = lambda x, sub=sub, mat=mat: _scatter_rows(x, sub, (mat.size,)).reshape(
+                            mat.shape
+                        )
+                    elif kind == "proj_rows":
+                        low = sub.T @ mat
+                        up = lambda x, sub=sub: sub @ x
+                    else:  # proj_cols
+                        low = mat @ sub.T
+                        up = lambda x, sub=sub: x @ sub
+                    direction = self._adam("P:" + key, low, self.inner)
+                    residual = mat - up(low)
+                    pieces.append(
+                        h["ps"] * (up(direction) + h["fs"] * _free(h["free_rule"], residual))
+                    )
+                u = np.stack(pieces) if g.ndim == 3 else pieces[0]
+            out[name] = params[name] - h["lr"] * (u + h["wd"] * params[name])
+        return out
+
+
+def _scatter_rows(x, idx, shape):
+    full = np.zeros(shape)
+    full[idx] = x
+    return full

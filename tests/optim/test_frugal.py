@@ -1,0 +1,306 @@
+"""FRUGAL against an independent float64 NumPy reference in every projection mode across several
+refreshes (random choices injected from the state), the GaLore baseline against
+``optax.contrib.galore``, memory, one compilation, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optim
+from optim.frugal import default_projectable
+from tests.optim import battery, reference
+
+SHAPES = {"embed": (16, 6), "a": (8, 12), "b": (12, 8), "stack": (3, 8, 8), "bias": (12,)}
+PROJECTABLE = {"embed": False, "a": True, "b": True, "stack": True, "bias": False}
+
+
+def _grads(steps, seed):
+    rng = np.random.default_rng(seed)
+    return [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(steps)]
+
+
+def _run(tx, ref, steps, choose_from_state=None, blocks=None, seed=0):
+    rng = np.random.default_rng(100 + seed)
+    p64 = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in p64.items()}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, g):
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for s, g in enumerate(_grads(steps, seed), start=1):
+        params, state = step(params, state, {k: jnp.asarray(v, jnp.float32) for k, v in g.items()})
+        inner = state[0]
+        choose = (
+            None
+            if choose_from_state is None
+            else (lambda name, layer, mat, inner=inner: choose_from_state(inner, name, layer, mat))
+        )
+        p64 = ref.step(p64, g, choose=choose, blocks=blocks)
+        for k in SHAPES:
+            np.testing.assert_allclose(
+                params[k], p64[k], rtol=2e-4, atol=2e-5, err_msg=f"step {s}, leaf {k}"
+            )
+    return state
+
+
+def _side(mode, mat):
+    m, n = mat.shape
+    if mode == "columns":
+        return "rows"
+    if mode == "rows":
+        return "cols"
+    if mode == "randk":
+        return "flat"
+    return "cols" if m >= n else "rows"
+
+
+@pytest.mark.parametrize("mode", ["columns", "rows", "randk", "randperm", "random", "svd"])
+@pytest.mark.parametrize("free_rule", ["sign_sgd", "sgd"])
+def test_matrix_modes_match_reference(mode, free_rule):
+    tx = optim.frugal(
+        1e-2,
+        density=0.25,
+        update_gap=4,
+        projection=mode,
+        free_rule=free_rule,
+        free_lr_scale=0.5,
+        proj_lr_scale=2.0,
+        weight_decay=0.01,
+        projectable=PROJECTABLE,
+    )
+    ref = reference.Frugal(
+        PROJECTABLE,
+        lr=1e-2,
+        mode=mode,
+        T=4,
+        free_rule=free_rule,
+        free_scale=0.5,
+        proj_scale=2.0,
+        wd=0.01,
+    )
+
+    def choose(state, name, layer, mat):
+        side = _side(mode, mat)
+        if mode == "svd":  # the reference's own float64 SVD
+            u, _, vh = np.linalg.svd(mat, full_matrices=False)
+            m, n = mat.shape
+            return (
+                ("proj_cols", vh[: round(n * 0.25)])
+                if m >= n
+                else ("proj_rows", u[:, : round(m * 0.25)])
+            )
+        sub = np.asarray(state.subspace[name][layer])
+        if mode == "random":
+            return ("proj_cols" if side == "cols" else "proj_rows", sub.astype(np.float64))
+        return side, sub
+
+    _run(tx, ref, 12, choose_from_state=choose)
+
+
+def _block_reference_schedule(order, density):
+    names = ["a", "b", "stack[0]", "stack[1]", "stack[2]"]  # unstacked, then stacks by layer
+    n, n_act = len(names), round(len(names) * density)
+
+    def active(r):
+        if order == "ascending":
+            idx = [(r * n_act + i) % n for i in range(n_act)]
+        elif order == "descending":
+            idx = [(n - 1 - r * n_act - i) % n for i in range(n_act)]
+        else:  # mirror
+            h = n_act // 2
+            idx = [(r * h + i) % n for i in range(h)] + [(n - 1 - r * h - i) % n for i in range(h)]
+        return {names[i] for i in idx}
+
+    return active
+
+
+@pytest.mark.parametrize("order", ["descending", "ascending", "mirror"])
+def test_block_mode_matches_reference_schedule(order):
+    tx = optim.frugal(
+        1e-2,
+        density=0.4,
+        update_gap=3,
+        projection="block",
+        block_order=order,
+        projectable=PROJECTABLE,
+    )
+    ref = reference.Frugal(PROJECTABLE, lr=1e-2, mode="block", T=3)
+    _run(tx, ref, 15, blocks=_block_reference_schedule(order, 0.4))
+
+
+def test_block_mode_random_order_uses_its_recorded_choice():
+    tx = optim.frugal(
+        1e-2,
+        density=0.4,
+        update_gap=3,
+        projection="block",
+        block_order="random",
+        projectable=PROJECTABLE,
+        seed=5,
+    )
+    ref = reference.Frugal(PROJECTABLE, lr=1e-2, mode="block", T=3)
+    params = {k: jnp.zeros(s, jnp.float32) for k, s in SHAPES.items()}
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    chosen = []
+    for g in _grads(9, 1):
+        _, state = step({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, params)
+        chosen.append(tuple(np.asarray(x).tolist() for x in state[0].subspace))
+    # shape classes: (8, 12) "a", (12, 8) "b", (8, 8) the stack's 3 layers: round(n * 0.4) each
+    assert [len(c) for c in chosen[0]] == [0, 0, 1]
+    assert len({c[2][0] for c in chosen}) > 1  # the stack's active layer changes at refreshes
+    assert all(chosen[i] == chosen[i - 1] for i in range(1, 9) if i % 3)
+    names = ["stack[0]", "stack[1]", "stack[2]"]
+    _run(tx, ref, 9, blocks=lambda r: {names[chosen[3 * r][2][0]]}, seed=1)
+
+
+def test_galore_baseline_equals_optax_galore_on_square_matrices():
+    # FRUGAL projects the column side of an m >= n matrix (G B^T), optax's GaLore the row side
+    # (P^T G); on a square matrix seen transposed by optax the two are the same computation.
+    params = {
+        "w": jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32),
+        "bias": jnp.zeros(8, jnp.float32),
+    }
+    ours = optim.frugal(
+        1e-2,
+        density=0.25,
+        update_gap=100,
+        projection="svd",
+        free_rule="none",
+        reset_state=False,
+        projectable={"w": True, "bias": False},
+    )
+    dims = {
+        "w": optax.contrib.GaLoreDimensionNumbers(reduction_axis=1, output_axis=0),
+        "bias": None,
+    }
+    theirs = optax.contrib.galore(1e-2, rank=2, update_proj_gap=100, weight_dimension_numbers=dims)
+    s1, s2 = ours.init(params), theirs.init(params)
+    for g in _grads(10, 3):
+        grads = {
+            "w": jnp.asarray(g["a"][:, :8], jnp.float32),
+            "bias": jnp.asarray(g["bias"][:8], jnp.float32),
+        }
+        u1, s1 = ours.update(grads, s1, params)
+        with jax.numpy_dtype_promotion("standard"):
+            u2, s2 = theirs.update(grads, s2, params)
+        for k in params:
+            np.testing.assert_allclose(u1[k], u2[k], rtol=1e-4, atol=1e-6)
+
+
+def _state_ratio(params, mode):
+    state = jax.eval_shape(optim.frugal(1e-3, projection=mode).init, params)[0]
+    mask = default_projectable(params)
+    proj = sum(
+        x.size * 4 for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True) if m
+    )
+    size = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+    return size((state.active_mu, state.active_nu, state.subspace)) / (2 * proj)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_state_memory_on_the_reference_lm(scan):
+    from jaxlib_ext.model import LanguageModel, LMConfig
+
+    lm = LanguageModel(
+        LMConfig(d_model=64, num_layers=4, num_heads=4, d_ff=256, max_len=32, scan_layers=scan)
+    )
+    ratios = {m: _state_ratio(lm.abstract_params, m) for m in optim.frugal_projections()}
+    for mode in ("block", "columns", "rows", "randperm"):
+        assert ratios[mode] <= 0.26, ratios
+    for mode in ("svd", "random"):  # + the projector: rho * (1 + n / 2m) <= 1.5 rho per matrix
+        assert ratios[mode] <= 0.32, ratios
+    # randk stores an int32 index per kept entry: 1.5 x rho (an open item, see the issue note)
+    assert ratios["randk"] == pytest.approx(0.375, abs=0.01)
+
+
+def test_refresh_is_traced_once():
+    params = {k: jnp.zeros(s, jnp.float32) for k, s in SHAPES.items()}
+    for mode in ("block", "svd"):
+        tx = optim.frugal(1e-2, update_gap=2, projection=mode, projectable=PROJECTABLE)
+        update = jax.jit(tx.update)
+        state = tx.init(params)
+        for g in _grads(5, 0):
+            _, state = update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, params)
+        assert update._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(density=0.0), "`density` must be in"),
+        (dict(density=1.5), "`density` must be in"),
+        (dict(update_gap=0), "`update_gap` must be in"),
+        (dict(projection="pca"), "`projection` must be one of"),
+        (dict(block_order="sideways"), "`block_order` must be one of"),
+        (dict(free_rule="adam"), "`free_rule` must be one of"),
+        (dict(learning_rate=-1.0), "`learning_rate`"),
+    ],
+)
+def test_bad_hyperparameters_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        optim.frugal(**{"learning_rate": 1e-3, **kwargs})
+
+
+def test_bad_layouts_raise_naming_the_leaf():
+    params = {"conv": jnp.zeros((3, 3, 4, 8)), "w": jnp.zeros((8, 8))}
+    with pytest.raises(ValueError, match=r"needs matrices .*\['conv'\] has shape \(3, 3, 4, 8\)"):
+        optim.frugal(1e-3, projection="svd", projectable={"conv": True, "w": True}).init(params)
+    odd = {"w": jnp.zeros((4, 4)), "v": jnp.zeros((4, 4)), "u": jnp.zeros((4, 4))}
+    with pytest.raises(ValueError, match="mirror.*even number of active blocks.*= 1"):
+        optim.frugal(
+            1e-3,
+            density=0.34,
+            block_order="mirror",
+            projectable=lambda p: jax.tree.map(lambda _: True, p),
+        ).init(odd)
+
+
+BATTERY = [
+    battery.Case(
+        name="frugal-block",
+        factory=optim.frugal,
+        kwargs=dict(learning_rate=1e-2, update_gap=5, density=0.5),
+        static_args=(
+            "density",
+            "update_gap",
+            "projection",
+            "block_order",
+            "free_rule",
+            "reset_state",
+            "projectable",
+            "seed",
+        ),
+        quadratic_steps=1500,
+        quadratic_tol=3e-2,
+        logistic_steps=1500,
+    ),
+    battery.Case(
+        name="frugal-svd",
+        factory=optim.frugal,
+        kwargs=dict(learning_rate=1e-2, update_gap=5, density=0.5, projection="svd"),
+        static_args=(
+            "density",
+            "update_gap",
+            "projection",
+            "block_order",
+            "free_rule",
+            "reset_state",
+            "projectable",
+            "seed",
+        ),
+        quadratic_steps=1500,
+        quadratic_tol=3e-2,
+        logistic_steps=1500,
+    ),
+]
+
+
+@battery.parametrize(BATTERY)
+def test_battery(case, check):
+    check(case)
