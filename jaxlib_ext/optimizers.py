@@ -1,7 +1,7 @@
 """Optimizers by name: the demo's and benchmarks' ``--optimizer NAME``.
 
 :func:`make_optimizer` builds this library's optimizers (``spam``, ``diffgrad``,
-``adam_coordinate_clipped``, ``sgd_coordinate_clipped``) and optax's ready-made ones from a name,
+``adam_coordinate_clipped``, ``sgd_coordinate_clipped``, ``frugal``) and optax's ready-made ones from a name,
 a learning rate or schedule, and keyword hyperparameters.
 """
 
@@ -28,6 +28,7 @@ def _library_optimizers() -> dict[str, Callable[..., optax.GradientTransformatio
         "diffgrad": optim.diffgrad,
         "adam_coordinate_clipped": optim.adam_coordinate_clipped,
         "sgd_coordinate_clipped": optim.sgd_coordinate_clipped,
+        "frugal": optim.frugal,
     }
 
 

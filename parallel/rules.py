@@ -17,6 +17,7 @@ an FSDP-only mesh and a ``data x fsdp`` mesh alike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -201,7 +202,7 @@ def state_param_paths(state: Any, params: Any) -> Any:
     return treedef.unflatten([None if o is None else "/".join(map(str, o)) for o in owners])
 
 
-def _state_owners(state: Any, params: Any) -> tuple[list, Any]:
+def _state_owners(state: Any, params: Any, *, same_shape: bool = True) -> tuple[list, Any]:
     by_suffix: dict[tuple[Hashable, ...], tuple[int, ...]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         by_suffix[path_names(path)] = tuple(leaf.shape)
@@ -212,7 +213,7 @@ def _state_owners(state: Any, params: Any) -> tuple[list, Any]:
         shape = tuple(getattr(leaf, "shape", ()))
         for n in range(min(longest, len(names)), 0, -1):
             candidate = names[-n:]
-            if by_suffix.get(candidate) == shape:
+            if candidate in by_suffix and (not same_shape or by_suffix[candidate] == shape):
                 return candidate
         return None
 
@@ -220,11 +221,60 @@ def _state_owners(state: Any, params: Any) -> tuple[list, Any]:
     return [match(p, leaf) for p, leaf in leaves_with_paths], treedef
 
 
+def _spec_entries(sharding: NamedSharding, ndim: int) -> list[Any]:
+    entries = list(sharding.spec)
+    return entries + [None] * (ndim - len(entries))
+
+
+def _axes_of(entry: Any) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _largest_divisible(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh) -> PartitionSpec:
+    """Shards the largest dimension that ``axes`` divide over ``axes``; else replicates."""
+    ways = math.prod(mesh.shape[a] for a in axes)
+    candidates = [d for d, size in enumerate(shape) if axes and size % ways == 0 and size >= ways]
+    if not candidates:
+        return PartitionSpec()
+    dim = max(candidates, key=lambda d: shape[d])
+    entries: list[Any] = [None] * len(shape)
+    entries[dim] = axes[0] if len(axes) == 1 else axes
+    return PartitionSpec(*entries)
+
+
+def _like_param(shape, param_shape, param_sharding, mesh, fallback_axes) -> PartitionSpec:
+    """A buffer owned by a parameter but of another shape (a projected moment, a projector):
+    each of the parameter's sharded dimensions shards a buffer dimension of the same size."""
+    entries: list[Any] = [None] * len(shape)
+    used: set[str] = set()
+    for p_dim, entry in enumerate(_spec_entries(param_sharding, len(param_shape))):
+        axes = _axes_of(entry)
+        if not axes or used & set(axes):
+            continue
+        for dim, size in enumerate(shape):
+            if entries[dim] is None and size == param_shape[p_dim]:
+                entries[dim] = entry
+                used.update(axes)
+                break
+    if any(e is not None for e in entries):
+        return PartitionSpec(*entries)
+    return _largest_divisible(shape, fallback_axes, mesh)
+
+
 def derive_state_shardings(state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings for an optimizer state: a parameter's buffers get that parameter's sharding.
 
-    Works for any optax chain (masked, ``MultiSteps``, ``inject_hyperparams``...): leaves are
-    matched to parameters by :func:`state_param_paths`; everything else is replicated.
+    Works for any optax chain (masked, ``MultiSteps``, ``inject_hyperparams``...). Per leaf:
+
+    * params-shaped buffers of parameter ``p`` (:func:`state_param_paths`) get ``p``'s sharding;
+    * other buffers under ``p``'s path (a low-rank moment ``[m, r]``, a projector, a factored
+      second moment) shard each dimension whose size equals one of ``p``'s sharded dimensions
+      over the same mesh axes (so ``[m, r]`` follows ``p = [m, n]`` sharded on ``m``), else as
+      below;
+    * buffers of no parameter with 2+ dimensions (FRUGAL's active-block pools) shard their largest
+      dimension divisible by the mesh axes the parameters are sharded over, so that no large
+      buffer is replicated on every device;
+    * everything else (counters, hyperparameters, keys, index vectors) is replicated.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -237,12 +287,30 @@ def derive_state_shardings(state: Any, params: Any, param_shardings: Any, mesh: 
       >>> s_sh[0].mu["w"] == p_sh["w"], s_sh[0].count.spec
       (True, P())
     """
-    by_path = {
-        path_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
-    }
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_shardings = jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    by_path = {path_names(p): s for p, s in flat_shardings}
+    shape_of = {path_names(p): tuple(x.shape) for p, x in flat_params}
+    fallback: list[str] = []
+    for _, sharding in flat_shardings:
+        for entry in sharding.spec:
+            fallback += [a for a in _axes_of(entry) if a not in fallback]
     replicated = NamedSharding(mesh, PartitionSpec())
-    owners, treedef = _state_owners(state, params)
-    return treedef.unflatten([replicated if o is None else by_path[o] for o in owners])
+    exact, treedef = _state_owners(state, params)
+    loose, _ = _state_owners(state, params, same_shape=False)
+    out = []
+    for leaf, owner, near in zip(jax.tree.leaves(state), exact, loose, strict=True):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if owner is not None:
+            out.append(by_path[owner])
+        elif near is not None and shape:
+            spec = _like_param(shape, shape_of[near], by_path[near], mesh, tuple(fallback))
+            out.append(NamedSharding(mesh, spec))
+        elif len(shape) >= 2:
+            out.append(NamedSharding(mesh, _largest_divisible(shape, tuple(fallback), mesh)))
+        else:
+            out.append(replicated)
+    return treedef.unflatten(out)
 
 
 def with_shardings(tree: Any, shardings: Any) -> Any:
