@@ -1,8 +1,8 @@
 """Optimizers by name: the demo's and benchmarks' ``--optimizer NAME``.
 
 :func:`make_optimizer` builds this library's optimizers (``spam``, ``diffgrad``,
-``adam_coordinate_clipped``, ``sgd_coordinate_clipped``, ``frugal``) and optax's ready-made ones from a name,
-a learning rate or schedule, and keyword hyperparameters.
+``adam_coordinate_clipped``, ``sgd_coordinate_clipped``, ``frugal``) and optax's ready-made
+ones from a name, a learning rate or schedule, and keyword hyperparameters.
 """
 
 from __future__ import annotations
