@@ -123,12 +123,48 @@ def _subspace_size(mode: str, mat: _Matrix, density: float) -> tuple[int, str]:
     return round(m * density), "rows"
 
 
+def _mix(x: jax.Array, key: jax.Array) -> jax.Array:
+    """A keyed 32-bit integer hash (murmur3's finalizer on ``x ^ key``)."""
+    x = x ^ key
+    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def keyed_indices(round_keys: jax.Array, size: int, count: int) -> jax.Array:
+    """``count`` distinct indices in ``[0, size)`` from 4 uint32 round keys, storing nothing else.
+
+    A 4-round Feistel network on the smallest even number of bits covering ``size`` is a
+    bijection; cycle-walking (re-applying it while the value is ``>= size``) restricts it to
+    ``[0, size)``; the images of ``0 .. count-1`` are therefore distinct. This is how ``randk``
+    keeps its random entries without an int32 index per entry (which would cost 50% more state
+    than the two moments' savings allow).
+    """
+    half = max(1, math.ceil(math.ceil(math.log2(max(size, 2))) / 2))
+    mask = jnp.uint32((1 << half) - 1)
+
+    def permute(v):
+        left, right = v >> half, v & mask
+        for r in range(4):
+            left, right = right, left ^ (_mix(right, round_keys[r]) & mask)
+        return (left << half) | right
+
+    def walk(v):
+        return jax.lax.while_loop(
+            lambda x: jnp.any(x >= size), lambda x: jnp.where(x >= size, permute(x), x), permute(v)
+        )
+
+    return walk(jnp.arange(count, dtype=jnp.uint32)).astype(jnp.int32)
+
+
 def _init_matrix(mode, mat: _Matrix, density, dtype):
     k, side = _subspace_size(mode, mat, density)
     s, m, n = mat.stack, mat.rows, mat.cols
     moment_shape = {"rows": (s, k, n), "cols": (s, m, k), "flat": (s, k)}[side]
     if mode in ("svd", "random"):
         sub = jnp.zeros((s, m, k) if side == "rows" else (s, k, n), jnp.float32)
+    elif mode == "randk":
+        sub = jnp.zeros((s, 4), jnp.uint32)  # Feistel round keys (see keyed_indices)
     else:
         sub = jnp.zeros((s, k), jnp.int32)
     return jnp.zeros(moment_shape, dtype), sub
@@ -138,7 +174,9 @@ def _choose(mode, key, g, mat: _Matrix, density):
     """A new subspace for every matrix of ``g`` (``[stack, rows, cols]``)."""
     k, side = _subspace_size(mode, mat, density)
     keys = jax.random.split(key, mat.stack)
-    if mode in ("columns", "rows", "randk", "randperm"):
+    if mode == "randk":
+        return jax.random.bits(key, (mat.stack, 4), jnp.uint32)
+    if mode in ("columns", "rows", "randperm"):
         size = {"rows": mat.rows, "cols": mat.cols, "flat": mat.rows * mat.cols}[side]
 
         def pick(kk):
@@ -168,7 +206,9 @@ def _down(mode, g, sub, mat: _Matrix, density):
             return jnp.einsum("smk,smn->skn", sub, g)  # A^T G
         return jnp.einsum("smn,skn->smk", g, sub)  # G B^T
     if side == "flat":
-        return jax.vmap(lambda x, i: x.reshape(-1)[i])(g, sub)
+        k = _subspace_size(mode, mat, density)[0]
+        idx = jax.vmap(lambda keys: keyed_indices(keys, mat.rows * mat.cols, k))(sub)
+        return jax.vmap(lambda x, i: x.reshape(-1)[i])(g, idx)
     axis = 0 if side == "rows" else 1
     return jax.vmap(lambda x, i: jnp.take(x, i, axis=axis))(g, sub)
 
@@ -181,9 +221,11 @@ def _up(mode, low, sub, mat: _Matrix, density):
         return jnp.einsum("smk,skn->smn", low, sub)  # L B
     shape = (mat.rows, mat.cols)
     if side == "flat":
+        k = _subspace_size(mode, mat, density)[0]
+        idx = jax.vmap(lambda keys: keyed_indices(keys, mat.rows * mat.cols, k))(sub)
         return jax.vmap(
             lambda x, i: jnp.zeros(shape[0] * shape[1], x.dtype).at[i].set(x).reshape(shape)
-        )(low, sub)
+        )(low, idx)
     if side == "rows":
         return jax.vmap(lambda x, i: jnp.zeros(shape, x.dtype).at[i].set(x))(low, sub)
     return jax.vmap(lambda x, i: jnp.zeros(shape, x.dtype).at[:, i].set(x))(low, sub)

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optim
-from optim.frugal import default_projectable
+from optim.frugal import default_projectable, keyed_indices
 from tests.optim import battery, reference
 
 SHAPES = {"embed": (16, 6), "a": (8, 12), "b": (12, 8), "stack": (3, 8, 8), "bias": (12,)}
@@ -95,6 +95,9 @@ def test_matrix_modes_match_reference(mode, free_rule):
                 else ("proj_rows", u[:, : round(m * 0.25)])
             )
         sub = np.asarray(state.subspace[name][layer])
+        if mode == "randk":  # the entries come from 4 stored round keys
+            count = int(mat.size * 0.25)
+            return side, np.asarray(keyed_indices(jnp.asarray(sub), mat.size, count))
         if mode == "random":
             return ("proj_cols" if side == "cols" else "proj_rows", sub.astype(np.float64))
         return side, sub
@@ -211,12 +214,21 @@ def test_state_memory_on_the_reference_lm(scan):
         LMConfig(d_model=64, num_layers=4, num_heads=4, d_ff=256, max_len=32, scan_layers=scan)
     )
     ratios = {m: _state_ratio(lm.abstract_params, m) for m in optim.frugal_projections()}
-    for mode in ("block", "columns", "rows", "randperm"):
+    for mode in ("block", "columns", "rows", "randk", "randperm"):
         assert ratios[mode] <= 0.26, ratios
     for mode in ("svd", "random"):  # + the projector: rho * (1 + n / 2m) <= 1.5 rho per matrix
         assert ratios[mode] <= 0.32, ratios
-    # randk stores an int32 index per kept entry: 1.5 x rho (an open item, see the issue note)
-    assert ratios["randk"] == pytest.approx(0.375, abs=0.01)
+
+
+@pytest.mark.parametrize(("size", "count"), [(1, 1), (7, 3), (96, 24), (1000, 1000), (4097, 50)])
+def test_keyed_indices_are_distinct_and_in_range(size, count):
+    keys = jax.random.bits(jax.random.key(size), (4,), jnp.uint32)
+    idx = np.asarray(keyed_indices(keys, size, count))
+    assert idx.shape == (count,) and len(set(idx.tolist())) == count
+    assert idx.min() >= 0 and idx.max() < size
+    other = np.asarray(keyed_indices(keys ^ jnp.uint32(1), size, count))
+    if count < size:
+        assert not np.array_equal(np.sort(idx), np.sort(other))
 
 
 def test_refresh_is_traced_once():
