@@ -590,6 +590,11 @@ def frugal(
       factor :math:`A` and :math:`\downarrow G = A^\top G,\ \uparrow L = A L`. SVD in float32.
 
     ``frugal(lr, projection='svd', free_rule='none', reset_state=False)`` is the GaLore baseline.
+    It differs from ``optax.contrib.galore`` in the side it projects (FRUGAL keeps the larger
+    dimension: ``G B^T`` for :math:`m \ge n`; optax reduces it: ``P^T G``), in the rank
+    (``density`` times the smaller dimension, not an absolute rank) and in the residual and
+    resets it can add; on a square matrix that optax sees transposed the two compute the same
+    update (tested).
 
     Args:
       learning_rate: a number >= 0 or a schedule.
