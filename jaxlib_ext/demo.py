@@ -64,12 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan-layers", action="store_true", help="stack layers and run nnx.scan")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for name in ("steps", "devices", "batch_size", "seq_len", "warmup"):
-        if getattr(args, name) < (0 if name == "warmup" else 1):
-            p.error(
-                f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, "
-                f"got {getattr(args, name)}"
-            )
+    minimum = {"steps": 1, "devices": 1, "batch_size": 1, "seq_len": 1, "warmup": 0}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     args.parser = p
     return args
 
