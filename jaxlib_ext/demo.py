@@ -1,6 +1,6 @@
 """The demo: train the reference byte-level LM on a device mesh and report what it cost.
 
-    python -m jaxlib_ext.demo --steps 400 --devices 8 --optimizer adamw --seed 0 --out demo_out
+    python -m jaxlib_ext.demo --steps 600 --devices 8 --optimizer adamw --seed 0 --out demo_out
 
 On a CPU-only machine ``--devices`` simulated CPU devices are created (8 by default); on GPU/TPU the
 first ``--devices`` accelerators are used. The model is trained data-parallel x FSDP on a
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULTS = {"steps": 400, "devices": 8, "optimizer": "adamw", "seed": 0, "out": "demo_out"}
+DEFAULTS = {"steps": 600, "devices": 8, "optimizer": "adamw", "seed": 0, "out": "demo_out"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
