@@ -1,4 +1,4 @@
-"""Optimizer step cost: SPAM, diffGrad and coordinate-wise clipping against optax's AdamW and SGD.
+"""Optimizer step cost: SPAM, diffGrad, FRUGAL and coordinate-wise clipping against AdamW and SGD.
 
 For transformer-like parameter trees of about 10M, 50M and 200M float32 parameters (an embedding,
 four blocks of q/k/v, output and MLP matrices, layer-norm scales and biases), each optimizer's
@@ -13,16 +13,25 @@ state's leaves.
 Groups (each size's arrays are freed before the next group and size):
 
 - adam: ``optax.adamw`` (baseline), ``optim.spam``, ``optim.diffgrad``,
-  ``optim.adam_coordinate_clipped(fraction=0.01)``;
+  ``optim.adam_coordinate_clipped(fraction=0.01)``, ``optim.frugal(density=0.25)`` in block mode
+  (the default) and with ``projection="svd"``;
 - sgd: ``optax.sgd`` (baseline), ``chain(optim.coordinate_clip(0.01), optax.sgd)``,
   ``optim.sgd_coordinate_clipped(fraction=0.01)`` (momentum 0.9), and ``optax.sgd`` with momentum
   0.9 as the like-for-like baseline of the last one;
 - torch (only if ``torch`` and ``pytorch_optimizer`` import): pytorch_optimizer's SPAM and
   DiffGrad, each paired with ours, ``torch.set_num_threads(os.cpu_count())``.
 
+FRUGAL chooses its subspace anew every ``update_gap`` steps (an SVD of every projectable matrix in
+``svd`` mode, under a ``lax.cond``), so its step time is averaged over one refresh period: every
+round times one refresh step (the state's count set to a multiple of the gap) and
+``steps-per-round`` ordinary steps (count never a multiple of it), and that round's step time is
+``(t_refresh + (G - 1) * t_ordinary) / G`` with ``G = --frugal-gap``. The 16 projectable matrices
+(``default_projectable``: the 2-D leaves but the embedding) make 4 active blocks at density 0.25.
+
 Usage:
 
     python benchmarks/optim_step.py [--sizes 10M,50M,200M] [--rounds 7] [--steps-per-round 3]
+        [--frugal-gap 200]
     python benchmarks/optim_step.py --quick   # a tiny smoke size
 """
 
@@ -46,6 +55,8 @@ LAYERS = 4
 VOCAB_PER_D = 16  # embedding rows per model dimension (d=2048 -> a 32k vocabulary)
 SPAM_DIFFGRAD_TARGET = 1.15  # times adamw's step
 CLIP_TARGET = 2.0  # times an SGD step
+FRUGAL_TARGET = 1.3  # times adamw's step, averaged over a refresh period
+FRUGAL_DENSITY = 0.25
 
 
 def parse_size(text: str) -> int:
@@ -81,18 +92,21 @@ def layout(target: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def optimizers() -> dict[str, dict[str, Callable[[], object]]]:
+def optimizers(frugal_gap: int = 200) -> dict[str, dict[str, Callable[[], object]]]:
     """Groups of ``name -> factory``; the first of each group is its baseline."""
     import optax
 
     import optim
 
+    frugal = dict(density=FRUGAL_DENSITY, update_gap=frugal_gap)
     return {
         "adam": {
             "adamw": lambda: optax.adamw(1e-3),
             "spam": lambda: optim.spam(1e-3),
             "diffgrad": lambda: optim.diffgrad(1e-3),
             "adam_coordinate_clipped": lambda: optim.adam_coordinate_clipped(1e-3, fraction=0.01),
+            "frugal": lambda: optim.frugal(1e-3, **frugal),
+            "frugal_svd": lambda: optim.frugal(1e-3, **frugal, projection="svd"),
         },
         "sgd": {
             "sgd": lambda: optax.sgd(1e-2),
@@ -120,9 +134,15 @@ class JaxRunner:
 
         self.step = jax.jit(step, donate_argnums=(0, 1))
         self.params = make_params()
-        self.state = tx.init(self.params)
+        # jitted: distinct output buffers (an eager FRUGAL init shares zeros between its moments,
+        # which a donated step rejects)
+        self.state = jax.jit(tx.init)(self.params)
         self.grads = grads
-        self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        self.state_bytes = sum(  # PRNG keys (FRUGAL's) left out
+            x.size * x.dtype.itemsize
+            for x in jax.tree.leaves(self.state)
+            if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        )
         memory = costs.analyze(self.step, self.params, self.state, grads).memory
         self.peak_bytes = memory.peak_bytes
         self.alias_bytes = memory.alias_bytes
@@ -135,12 +155,86 @@ class JaxRunner:
             self.params, self.state = self.step(self.params, self.state, self.grads)
         jax.block_until_ready((self.params, self.state))
 
+    def timed(self, steps: int) -> float:
+        """Seconds per step of ``steps`` steps (one round)."""
+        (t,) = time_calls(lambda: self.run(steps), repeats=1, warmup=0)
+        return t / steps
+
+    def extra(self) -> dict:
+        """Runner-specific fields of the result row."""
+        return {}
+
     def free(self) -> None:
         import jax
 
         for x in jax.tree.leaves((self.params, self.state)):
             x.delete()
         self.params = self.state = self.grads = None
+
+
+class FrugalRunner(JaxRunner):
+    """FRUGAL's step averaged over a refresh period of ``gap`` steps.
+
+    The count of the ``FrugalState`` (the chain state's first element) is set, untimed, before
+    the timed steps: to 0 (a multiple of ``gap``) for a refresh step, to 1 for ordinary steps (and
+    back to 1 after every ``gap - 1`` of them, should a round be that long). A round's step time is
+    ``(t_refresh + (gap - 1) * t_ordinary) / gap``; with ``gap`` 1 every step is a refresh.
+    """
+
+    def __init__(self, tx, make_params, grads, gap: int):
+        super().__init__(tx, make_params, grads)
+        self.gap = gap
+        self.refresh_seconds: list[float] = []
+        self.ordinary_seconds: list[float] = []
+
+    def _set_count(self, count: int) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        frugal_state = self.state[0]
+        count = jnp.asarray(count, frugal_state.count.dtype)
+        count = jax.device_put(count, frugal_state.count.sharding)
+        self.state = (frugal_state._replace(count=count), *self.state[1:])
+
+    def _timed_steps(self, steps: int, *, refresh: bool) -> float:
+        """Seconds of ``steps`` refresh or ordinary steps (the count resets untimed)."""
+        import jax
+
+        start_count = 0 if refresh else min(1, self.gap - 1)
+        # ordinary steps run back to back while the count stays below the next multiple of gap
+        chunk = 1 if refresh else max(self.gap - 1, 1)
+        total, done = 0.0, 0
+        while done < steps:
+            self._set_count(start_count)
+            jax.block_until_ready(self.state)
+            n = min(chunk, steps - done)
+            start = time.perf_counter()
+            for _ in range(n):
+                self.params, self.state = self.step(self.params, self.state, self.grads)
+            jax.block_until_ready((self.params, self.state))
+            total += time.perf_counter() - start
+            done += n
+        return total
+
+    def run(self, steps: int) -> None:  # warm-up: both branches of the refresh
+        self._timed_steps(1, refresh=True)
+        self._timed_steps(max(steps - 1, 1), refresh=False)
+
+    def timed(self, steps: int) -> float:
+        t_refresh = self._timed_steps(1, refresh=True)
+        t_ordinary = self._timed_steps(steps, refresh=False) / steps
+        self.refresh_seconds.append(t_refresh)
+        self.ordinary_seconds.append(t_ordinary)
+        return (t_refresh + (self.gap - 1) * t_ordinary) / self.gap
+
+    def extra(self) -> dict:
+        return {
+            "update_gap": self.gap,
+            "refresh_step_seconds": self.refresh_seconds,
+            "ordinary_step_seconds": self.ordinary_seconds,
+            "refresh_step_seconds_median": statistics.median(self.refresh_seconds),
+            "ordinary_step_seconds_median": statistics.median(self.ordinary_seconds),
+        }
 
 
 class TorchRunner:
@@ -171,6 +265,13 @@ class TorchRunner:
         for _ in range(steps):
             self.opt.step()
 
+    def timed(self, steps: int) -> float:
+        (t,) = time_calls(lambda: self.run(steps), repeats=1, warmup=0)
+        return t / steps
+
+    def extra(self) -> dict:
+        return {}
+
     def free(self) -> None:
         self.opt = self.params = None
 
@@ -200,8 +301,7 @@ def measure(runners: dict, *, rounds: int, steps: int, warmup: int) -> dict[str,
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):  # alternate, so drifts in machine load hit all alike
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            (t,) = time_calls(lambda n=name: runners[n].run(steps), repeats=1, warmup=0)
-            times[name].append(t / steps)
+            times[name].append(runners[name].timed(steps))
     base = names[0]
     out = {}
     for name in names:
@@ -216,6 +316,7 @@ def measure(runners: dict, *, rounds: int, steps: int, warmup: int) -> dict[str,
             "peak_bytes_per_device": runners[name].peak_bytes,
             "alias_bytes_per_device": runners[name].alias_bytes,
             "temp_bytes_per_device": runners[name].temp_bytes,
+            **runners[name].extra(),
         }
     return out
 
@@ -247,9 +348,15 @@ def run_size(label: str, target: int, args, torch_pairs) -> dict:
         return make_tree(shapes, 0, 0.02)
 
     groups: dict[str, dict] = {}
+
+    def runner(name: str, make_tx):
+        if name.startswith("frugal"):
+            return lambda: FrugalRunner(make_tx(), params, grads, args.frugal_gap)
+        return lambda: JaxRunner(make_tx(), params, grads)
+
     plan = [
-        (group, {n: (lambda f=f: JaxRunner(f(), params, grads)) for n, f in opts.items()})
-        for group, opts in optimizers().items()
+        (group, {n: runner(n, f) for n, f in opts.items()})
+        for group, opts in optimizers(args.frugal_gap).items()
     ]
     for name, (ours, theirs) in torch_pairs.items():
         plan.append(
@@ -303,6 +410,8 @@ def verdicts(results: dict) -> list[dict]:
         checks = [
             ("spam", g["adam"]["spam"], SPAM_DIFFGRAD_TARGET),
             ("diffgrad", g["adam"]["diffgrad"], SPAM_DIFFGRAD_TARGET),
+            ("frugal", g["adam"]["frugal"], FRUGAL_TARGET),
+            ("frugal_svd", g["adam"]["frugal_svd"], FRUGAL_TARGET),
             ("coordinate_clip+sgd", g["sgd"]["coordinate_clip+sgd"], CLIP_TARGET),
         ]
         for name, row, target in checks:
@@ -326,8 +435,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps-per-round", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first")
+    p.add_argument(
+        "--frugal-gap",
+        type=int,
+        default=200,
+        help="FRUGAL's update_gap: its step time is averaged over one refresh per this many steps",
+    )
     p.add_argument("--out", default="benchmarks/out/optim_step.json")
     args = p.parse_args()
+    if args.frugal_gap < 1:
+        p.error(f"--frugal-gap must be >= 1, got {args.frugal_gap}")
     if args.quick:
         args.sizes, args.rounds, args.steps_per_round, args.warmup = "100k", 3, 2, 1
     use_cpu_devices(1)
@@ -345,6 +462,14 @@ def main() -> None:
             f"(target <= {c['target']}x): {'met' if c['met'] else 'MISSED'}"
         )
     for label, res in results.items():
+        for name, row in res["groups"]["adam"].items():
+            if "update_gap" in row:
+                refresh_ms = row["refresh_step_seconds_median"] * 1e3
+                ordinary_ms = row["ordinary_step_seconds_median"] * 1e3
+                print(
+                    f"  {label:<6}{name}: refresh step {refresh_ms:.1f} ms, ordinary step "
+                    f"{ordinary_ms:.1f} ms, averaged over a gap of {row['update_gap']}"
+                )
         for group, rows in res["groups"].items():
             if group.startswith("torch_"):
                 _, theirs = rows.values()

@@ -402,22 +402,30 @@ def scale_by_frugal(
     def init_fn(params):
         leaves, treedef, flags, plan = layout(params)
         dtype = lambda p: state_dtype or p.dtype
-        regular = [
-            jnp.zeros(p.shape, dtype(p)) if not f else optax.MaskedNode()
-            for p, f in zip(leaves, flags, strict=True)
-        ]
+
+        # every buffer is its own array: a donated state must not hold one buffer twice
+        def regular():
+            return treedef.unflatten(
+                [
+                    jnp.zeros(p.shape, dtype(p)) if not f else optax.MaskedNode()
+                    for p, f in zip(leaves, flags, strict=True)
+                ]
+            )
+
         key = jax.random.key(seed)
         if plan is not None:
-            first = jnp.asarray(leaves[0]).dtype if leaves else jnp.float32
-            act = tuple(
-                jnp.zeros((s, *shape), state_dtype or first)
-                for (shape, _, _), s in zip(plan.classes, plan.slots, strict=True)
-            )
-            sub = tuple(
+
+            def pools():
+                return tuple(
+                    jnp.zeros((s, *shape), state_dtype or leaves[members[0][0]].dtype)
+                    for (shape, members, _), s in zip(plan.classes, plan.slots, strict=True)
+                )
+
+            subspace = tuple(
                 jnp.full((s,), size, jnp.int32)
                 for (_, _, size), s in zip(plan.classes, plan.slots, strict=True)
             )
-            active_mu, active_nu, subspace = act, act, sub
+            active_mu, active_nu = pools(), pools()
         else:
             pairs = [
                 (
@@ -430,13 +438,12 @@ def scale_by_frugal(
             active_mu = treedef.unflatten([a for a, _ in pairs])
             active_nu = jax.tree.map(jnp.zeros_like, active_mu)
             subspace = treedef.unflatten([b for _, b in pairs])
-        zero = jnp.zeros([], jnp.int32)
         return FrugalState(
-            zero,
-            zero,
+            jnp.zeros([], jnp.int32),
+            jnp.zeros([], jnp.int32),
             key,
-            treedef.unflatten(regular),
-            treedef.unflatten(regular),
+            regular(),
+            regular(),
             active_mu,
             active_nu,
             subspace,

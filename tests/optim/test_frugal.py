@@ -366,3 +366,16 @@ def test_sharded_state_is_derived_and_stable_through_refreshes(devices, mode):
         jax.tree.leaves(state.opt_state), jax.tree.leaves(shardings.opt_state), strict=True
     ):
         assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)
+
+
+@pytest.mark.parametrize("mode", ["block", "columns"])
+def test_init_gives_every_buffer_its_own_array_so_the_state_can_be_donated(mode):
+    params = {k: jnp.zeros(s, jnp.float32) for k, s in SHAPES.items()}
+    tx = optim.frugal(1e-2, update_gap=2, projection=mode, projectable=PROJECTABLE)
+    state = tx.init(params)  # not jitted: a shared zero array would be donated twice below
+    leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    assert len({id(x) for x in leaves}) == len(leaves)
+    step = jax.jit(lambda s, g: tx.update(g, s, params), donate_argnums=0)
+    grads = {k: jnp.ones(s, jnp.float32) for k, s in SHAPES.items()}
+    for _ in range(3):
+        _, state = step(state, grads)
