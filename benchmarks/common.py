@@ -50,3 +50,31 @@ def write_json(path: str | Path, record: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+def reference_lm_setup(args) -> tuple:
+    """The experiments' shared setup from ``args`` (``devices``, ``d_model``, ``layers``,
+    ``seq_len``, ``batch_size``): a ``data x fsdp`` mesh, the reference LM with activation
+    constraints, batches over the standard library's sources and the batch sharding.
+
+    Returns:
+      ``(mesh, lm, batches, batch_sharding)``.
+    """
+    from jaxlib_ext import data, train
+    from jaxlib_ext.model import LanguageModel, LMConfig
+    from parallel.mesh import make_mesh
+    from parallel.rules import activation_constraint
+
+    mesh = make_mesh({"data": 2, "fsdp": -1} if args.devices % 2 == 0 else {"fsdp": -1})
+    cfg = LMConfig(
+        d_model=args.d_model,
+        num_layers=args.layers,
+        num_heads=4,
+        d_ff=4 * args.d_model,
+        max_len=args.seq_len,
+    )
+    lm = LanguageModel(cfg, activation_sharding=activation_constraint(mesh))
+    batches = data.TokenBatches(
+        data.load_corpus(max_bytes=4 << 20), batch_size=args.batch_size, seq_len=args.seq_len
+    )
+    return mesh, lm, batches, train.batch_sharding(mesh, global_batch=args.batch_size)

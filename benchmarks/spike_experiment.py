@@ -34,7 +34,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, use_cpu_devices, write_json
+from benchmarks.common import machine, reference_lm_setup, use_cpu_devices, write_json
 
 QUICK = {"steps": 40, "d_model": 64, "layers": 2, "seq_len": 64}
 
@@ -177,24 +177,9 @@ def main(argv=None) -> None:
     use_cpu_devices(args.devices)  # before anything starts JAX's backend
 
     import optim
-    from jaxlib_ext import data, train
-    from jaxlib_ext.model import LanguageModel, LMConfig
-    from parallel.mesh import make_mesh
-    from parallel.rules import activation_constraint
+    from jaxlib_ext import train
 
-    mesh = make_mesh({"data": 2, "fsdp": -1} if args.devices % 2 == 0 else {"fsdp": -1})
-    cfg = LMConfig(
-        d_model=args.d_model,
-        num_layers=args.layers,
-        num_heads=4,
-        d_ff=4 * args.d_model,
-        max_len=args.seq_len,
-    )
-    lm = LanguageModel(cfg, activation_sharding=activation_constraint(mesh))
-    batches = data.TokenBatches(
-        data.load_corpus(max_bytes=4 << 20), batch_size=args.batch_size, seq_len=args.seq_len
-    )
-    bsh = train.batch_sharding(mesh, global_batch=args.batch_size)
+    mesh, lm, batches, bsh = reference_lm_setup(args)
 
     def lr(peak: float) -> optax.Schedule:
         return optax.linear_schedule(0.0, peak, args.warmup)  # then constant
