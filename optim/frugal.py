@@ -490,19 +490,39 @@ def scale_by_frugal(
                 if f
             }
             new_mu, new_nu = [], []
-            for c in range(len(plan.classes)):
-                g_c = _class_stack(plan, c, leaves).astype(jnp.float32)
-                idx = subspace[c]
-                chosen = jnp.take(g_c, jnp.minimum(idx, g_c.shape[0] - 1), axis=0)
-                u, m, v = _adam_direction(chosen, active_mu[c], active_nu[c], b1, b2, eps, inner)
-                valid = (idx < g_c.shape[0]).reshape((-1,) + (1,) * (g_c.ndim - 1))
-                m = jnp.where(valid, m, active_mu[c])
-                v = jnp.where(valid, v, active_nu[c])
-                free = _free(free_rule, g_c) * scale_free
-                d_c = free.at[idx].set(u, mode="drop") * scale_proj
-                _class_split(plan, c, d_c, out, depth)
-                new_mu.append(m)
-                new_nu.append(v)
+            for c, (_, members, size) in enumerate(plan.classes):
+                # slot_of[j]: the pool slot of the class's block j, -1 when j is inactive
+                slots = subspace[c].shape[0]
+                slot_of = (
+                    jnp.full((size,), -1, jnp.int32)
+                    .at[subspace[c]]
+                    .set(jnp.arange(slots, dtype=jnp.int32), mode="drop")
+                )
+                pool_m, pool_v = active_mu[c], active_nu[c]
+                offset = 0
+                for i, stacked in members:
+                    # Per member leaf, no class-wide copy: Adam on every block with the moments
+                    # of its slot (discarded for inactive blocks), the free rule, a select, and
+                    # the active blocks' moments written back to their slots.
+                    g = leaves[i].astype(jnp.float32)
+                    g = g if stacked else g[None]
+                    if slots == 0:  # this class never has an active block
+                        d = scale_proj * scale_free * _free(free_rule, g)
+                        out[i] = d if stacked else d[0]
+                        offset += depth[i]
+                        continue
+                    slot = slot_of[offset : offset + depth[i]]
+                    active = (slot >= 0).reshape((-1,) + (1,) * (g.ndim - 1))
+                    safe = jnp.maximum(slot, 0)
+                    u, m, v = _adam_direction(g, pool_m[safe], pool_v[safe], b1, b2, eps, inner)
+                    d = jnp.where(active, u, scale_free * _free(free_rule, g)) * scale_proj
+                    out[i] = d if stacked else d[0]
+                    write = jnp.where(slot >= 0, slot, slots)  # inactive: out of range, dropped
+                    pool_m = pool_m.at[write].set(m.astype(pool_m.dtype), mode="drop")
+                    pool_v = pool_v.at[write].set(v.astype(pool_v.dtype), mode="drop")
+                    offset += depth[i]
+                new_mu.append(pool_m)
+                new_nu.append(pool_v)
             for i, f in enumerate(flags):
                 if f:
                     out[i] = out[i].astype(leaves[i].dtype)
