@@ -314,22 +314,6 @@ def _block_plan(leaves, flags, density, order) -> _BlockPlan:
     )
 
 
-def _class_stack(plan: _BlockPlan, c: int, leaves):
-    _, members, _ = plan.classes[c]
-    parts = [leaves[i] if stacked else leaves[i][None] for i, stacked in members]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-
-
-def _class_split(plan: _BlockPlan, c: int, value, leaves_out: list, depth: dict) -> None:
-    """Writes the class-stacked ``value`` back into ``leaves_out`` at its members' positions."""
-    _, members, _ = plan.classes[c]
-    offset = 0
-    for i, stacked in members:
-        piece = value[offset : offset + depth[i]]
-        leaves_out[i] = piece if stacked else piece[0]
-        offset += depth[i]
-
-
 # ------------------------------------------------------------------ the transform
 
 
