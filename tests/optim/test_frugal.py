@@ -273,21 +273,22 @@ def test_bad_layouts_raise_naming_the_leaf():
         ).init(odd)
 
 
+FRUGAL_STATIC = (  # the arguments that fix shapes or control flow
+    "density",
+    "update_gap",
+    "projection",
+    "block_order",
+    "free_rule",
+    "reset_state",
+    "projectable",
+    "seed",
+)
 BATTERY = [
     battery.Case(
         name="frugal-block",
         factory=optim.frugal,
         kwargs=dict(learning_rate=1e-2, update_gap=5, density=0.5),
-        static_args=(
-            "density",
-            "update_gap",
-            "projection",
-            "block_order",
-            "free_rule",
-            "reset_state",
-            "projectable",
-            "seed",
-        ),
+        static_args=FRUGAL_STATIC,
         quadratic_steps=1500,
         quadratic_tol=3e-2,
         logistic_steps=1500,
@@ -296,16 +297,7 @@ BATTERY = [
         name="frugal-svd",
         factory=optim.frugal,
         kwargs=dict(learning_rate=1e-2, update_gap=5, density=0.5, projection="svd"),
-        static_args=(
-            "density",
-            "update_gap",
-            "projection",
-            "block_order",
-            "free_rule",
-            "reset_state",
-            "projectable",
-            "seed",
-        ),
+        static_args=FRUGAL_STATIC,
         quadratic_steps=1500,
         quadratic_tol=3e-2,
         logistic_steps=1500,
