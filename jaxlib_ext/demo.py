@@ -62,9 +62,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=0, help="MoE experts per MLP (0: dense MLP)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (MoE)")
     p.add_argument("--scan-layers", action="store_true", help="stack layers and run nnx.scan")
+    p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="save every N steps (0: only at the end); needs --checkpoint-dir",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --checkpoint-dir (any --devices)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    minimum = {"steps": 1, "devices": 1, "batch_size": 1, "seq_len": 1, "warmup": 0}
+    if (args.resume or args.checkpoint_every) and not args.checkpoint_dir:
+        p.error("--resume and --checkpoint-every need --checkpoint-dir")
+    minimum = {
+        "steps": 1,
+        "devices": 1,
+        "batch_size": 1,
+        "seq_len": 1,
+        "warmup": 0,
+        "checkpoint_every": 0,
+    }
     for name, low in minimum.items():
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
@@ -197,26 +218,48 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
     import numpy as np
     from tqdm import tqdm
 
-    from jaxlib_ext import costs, train
+    from jaxlib_ext import costs, data, train
+    from jaxlib_ext.checkpoint import Checkpointer, CheckpointError
 
-    state = train.init_train_state(model, tx, shardings, seed=args.seed)
+    ckpt = Checkpointer(args.checkpoint_dir) if args.checkpoint_dir else None
+    start_step, data_state = 0, batches.initial_state(args.seed)
+    if args.resume:
+        abstract = jax.eval_shape(lambda: train.init_train_state(model, tx, shardings))
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        try:
+            state, extra = ckpt.restore(target, fallback=True)
+        except CheckpointError as err:
+            raise UsageError(f"cannot resume from {args.checkpoint_dir}: {err}") from err
+        data_state = data.DataState.from_dict(extra["data"])
+        start_step = int(state.step)
+        if start_step >= args.steps:
+            raise UsageError(
+                f"the checkpoint is at step {start_step}, not before --steps "
+                f"{args.steps}: nothing to train"
+            )
+    else:
+        state = train.init_train_state(model, tx, shardings, seed=args.seed)
     step_fn = train.make_train_step(train.lm_loss(model), tx, shardings, batch_sharding)
-    data_state = batches.initial_state(args.seed)
 
-    first, _ = batches.batch(data_state)
+    def save(step: int) -> None:
+        ckpt.save(step, state, extra={"data": data_state.to_dict()})
+
+    first, _ = batches.batch(batches.initial_state(args.seed))
     report = costs.analyze(step_fn, state, train.shard_batch(first, batch_sharding))
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
 
     history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "tokens_per_sec": []}
     start = time.perf_counter()
     bar = tqdm(
-        range(args.steps),
+        range(start_step, args.steps),
         desc="training",
         unit="step",
         disable=args.no_progress,
         dynamic_ncols=True,
     )
-    for _ in bar:
+    for step in bar:
         tick = time.perf_counter()
         batch, data_state = batches.batch(data_state)
         state, metrics = step_fn(state, train.shard_batch(batch, batch_sharding))
@@ -226,7 +269,14 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
         history["grad_norms"].append(grad_norm)
         history["tokens_per_sec"].append(int(metrics["tokens"]) / elapsed)
         bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{grad_norm:.2f}")
+        done = step + 1
+        if ckpt is not None and args.checkpoint_every and done % args.checkpoint_every == 0:
+            save(done)
     wall = time.perf_counter() - start
+    if ckpt is not None:
+        if not (args.checkpoint_every and args.steps % args.checkpoint_every == 0):
+            save(args.steps)
+        ckpt.close()
 
     losses = history["losses"]
     steady = history["tokens_per_sec"][1:] or history["tokens_per_sec"]
@@ -248,7 +298,7 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
         ("mesh", " x ".join(f"{k}={v}" for k, v in mesh.shape.items())),
         ("parameters", f"{model.num_params():,}"),
         ("optimizer state", costs.format_bytes(opt_bytes)),
-        ("steps", f"{args.steps} in {wall:.1f} s"),
+        ("steps", f"{start_step + 1}..{args.steps} in {wall:.1f} s"),
         ("first / final loss", f"{losses[0]:.3f} / {losses[-1]:.3f} nats per byte"),
         ("mean of last 20", f"{summary['mean_loss_last_20']:.3f} (uniform: {math.log(256):.3f})"),
         ("tokens / s (median)", f"{summary['tokens_per_sec_median']:,.0f}"),
@@ -263,6 +313,7 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
     record = {
         "args": {k: v for k, v in vars(args).items() if k != "parser"},
         "model": vars(config),
+        "start_step": start_step,
         **history,
         "summary": summary,
     }

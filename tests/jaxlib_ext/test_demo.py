@@ -4,9 +4,11 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.multiprocess import REPO_ROOT
@@ -81,3 +83,47 @@ def test_bad_input_is_one_clear_error(tmp_path, flags, message):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert re.search(message, done.stderr), done.stderr
+
+
+def test_resume_after_a_crash_continues_exactly_and_on_other_devices(tmp_path):
+    small = [*TINY]
+    small[small.index("--steps") + 1] = "12"
+    ckpt = tmp_path / "ckpt"
+    full = _demo(
+        *small,
+        "--out",
+        str(tmp_path / "full"),
+        "--checkpoint-dir",
+        str(ckpt),
+        "--checkpoint-every",
+        "6",
+    )
+    assert full.returncode == 0, full.stderr
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["12", "6"]
+    losses = json.loads((tmp_path / "full" / "metrics.json").read_text())["losses"]
+    shutil.rmtree(ckpt / "12")  # as if the run had died after saving step 6
+    again = _demo(
+        *small, "--out", str(tmp_path / "again"), "--checkpoint-dir", str(ckpt), "--resume"
+    )
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert resumed["start_step"] == 6
+    assert resumed["losses"] == losses[6:], "same mesh: bit-exact continuation"
+    shutil.rmtree(ckpt / "12")
+    other = [*small]
+    other[other.index("--devices") + 1] = "4"
+    moved = _demo(
+        *other, "--out", str(tmp_path / "moved"), "--checkpoint-dir", str(ckpt), "--resume"
+    )
+    assert moved.returncode == 0, moved.stderr
+    moved_losses = json.loads((tmp_path / "moved" / "metrics.json").read_text())["losses"]
+    np.testing.assert_allclose(moved_losses, losses[6:], rtol=1e-3)
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    done = _demo(
+        "--resume", "--checkpoint-dir", str(tmp_path / "empty"), "--out", str(tmp_path), timeout=120
+    )
+    assert done.returncode == 2 and "cannot resume" in done.stderr
+    done = _demo("--resume", "--out", str(tmp_path), timeout=120)
+    assert done.returncode == 2 and "need --checkpoint-dir" in done.stderr
