@@ -52,18 +52,11 @@ def write_json(path: str | Path, record: dict) -> Path:
     return path
 
 
-def reference_lm_setup(args) -> tuple:
-    """The experiments' shared setup from ``args`` (``devices``, ``d_model``, ``layers``,
-    ``seq_len``, ``batch_size``): a ``data x fsdp`` mesh, the reference LM with activation
-    constraints, batches over the standard library's sources and the batch sharding.
-
-    Returns:
-      ``(mesh, lm, batches, batch_sharding)``.
-    """
-    from jaxlib_ext import data, train
-    from jaxlib_ext.model import LanguageModel, LMConfig
+def reference_mesh_and_config(args) -> tuple:
+    """A ``data x fsdp`` mesh over ``args.devices`` and the reference LM's config from ``args``
+    (``d_model``, ``layers``, ``seq_len``): the setup every benchmark of the reference LM shares."""
+    from jaxlib_ext.model import LMConfig
     from parallel.mesh import make_mesh
-    from parallel.rules import activation_constraint
 
     mesh = make_mesh({"data": 2, "fsdp": -1} if args.devices % 2 == 0 else {"fsdp": -1})
     cfg = LMConfig(
@@ -73,6 +66,23 @@ def reference_lm_setup(args) -> tuple:
         d_ff=4 * args.d_model,
         max_len=args.seq_len,
     )
+    return mesh, cfg
+
+
+def reference_lm_setup(args) -> tuple:
+    """The experiments' shared setup from ``args`` (``devices``, ``d_model``, ``layers``,
+    ``seq_len``, ``batch_size``): the mesh and reference LM of :func:`reference_mesh_and_config`
+    with activation constraints, batches over the standard library's sources and the batch
+    sharding.
+
+    Returns:
+      ``(mesh, lm, batches, batch_sharding)``.
+    """
+    from jaxlib_ext import data, train
+    from jaxlib_ext.model import LanguageModel
+    from parallel.rules import activation_constraint
+
+    mesh, cfg = reference_mesh_and_config(args)
     lm = LanguageModel(cfg, activation_sharding=activation_constraint(mesh))
     batches = data.TokenBatches(
         data.load_corpus(max_bytes=4 << 20), batch_size=args.batch_size, seq_len=args.seq_len

@@ -16,7 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, time_calls, use_cpu_devices, write_json
+from benchmarks.common import (
+    machine,
+    reference_mesh_and_config,
+    time_calls,
+    use_cpu_devices,
+    write_json,
+)
 
 
 def main() -> None:
@@ -37,18 +43,10 @@ def main() -> None:
     import optax
 
     from jaxlib_ext import costs, train
-    from jaxlib_ext.model import LanguageModel, LMConfig
-    from parallel.mesh import make_mesh
+    from jaxlib_ext.model import LanguageModel
     from parallel.rules import activation_constraint
 
-    mesh = make_mesh({"data": 2, "fsdp": -1} if args.devices % 2 == 0 else {"fsdp": -1})
-    cfg = LMConfig(
-        d_model=args.d_model,
-        num_layers=args.layers,
-        num_heads=4,
-        d_ff=4 * args.d_model,
-        max_len=args.seq_len,
-    )
+    mesh, cfg = reference_mesh_and_config(args)
     tx = optax.adamw(1e-3)
     batch_np = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.seq_len + 1))
     variants = {}
