@@ -15,6 +15,7 @@ the manifest, the checks and typed errors (:class:`CheckpointError` and its subc
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -23,11 +24,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from parallel.rules import state_param_paths
+from jaxlib_ext.layouts import Layout, convert
+from jaxlib_ext.restore_plan import RestorePlan, describe, leaf_key, node_classes, plan_restore
+from parallel.rules import indivisible_dims, replicate_dims, state_param_paths
 
 FORMAT = "jaxlib-ext-checkpoint/1"
 _ARRAYS, _MANIFEST = "arrays", "manifest"
+_log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -56,18 +61,6 @@ def _version() -> str:
         return metadata.version("jaxlib-ext")
     except metadata.PackageNotFoundError:  # running from a source tree
         return "unknown"
-
-
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def leaf_key(path: Sequence[Any]) -> str:
-    """A state path as a storage key: ``opt_state/0/mu/blocks/0/mlp/wi``."""
-    return "/".join(_key_name(p) for p in path) or "_root"
 
 
 def _is_key(x: Any) -> bool:
@@ -218,16 +211,18 @@ class Checkpointer:
                     "dtype": str(x.dtype),
                     "shape": list(x.shape),
                     "stored_dtype": str(arrays[k].dtype),
+                    "stored_shape": list(arrays[k].shape),
                     "checksum": c,
                 }
                 for k, (_, x), c in zip(keys, leaves_with_paths, checksums, strict=True)
             },
+            "nodes": node_classes(state),
             "extra": extra,
         }
         self._manager.save(
             int(step),
             args=ocp.args.Composite(
-                **{_ARRAYS: ocp.args.StandardSave(arrays), _MANIFEST: ocp.args.JsonSave(manifest)}
+                **{_ARRAYS: ocp.args.PyTreeSave(arrays), _MANIFEST: ocp.args.JsonSave(manifest)}
             ),
         )
 
@@ -245,14 +240,62 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore(self, target: Any, *, step: int | None = None, fallback: bool = False):
+    def _step_to_read(self, step: int | None) -> tuple[int, list[int]]:
+        candidates = self.steps()
+        if not candidates:
+            raise MissingStepError(f"no checkpoint in {self.directory}")
+        if step is None:
+            step = candidates[-1]
+        if step not in candidates:
+            raise MissingStepError(f"step {step} not in {self.directory} (steps: {candidates})")
+        return step, candidates
+
+    def plan(
+        self, target: Any, *, step: int | None = None, layouts: Sequence[Layout] = ()
+    ) -> RestorePlan:
+        """Which saved leaf would fill which leaf of ``target``, read from the manifest only.
+
+        Use it to check, before restoring into an edited optimizer chain or another layout,
+        what is carried over, what moves, what needs ``init`` and what is left unused.
+        """
+        self.wait()
+        step, _ = self._step_to_read(step)
+        return _Pairing(target, manifest(self.directory, step), layouts).plan
+
+    def restore(
+        self,
+        target: Any,
+        *,
+        step: int | None = None,
+        fallback: bool = False,
+        init: Any = None,
+        layouts: Sequence[Layout] = (),
+        on_indivisible: str = "error",
+    ):
         """Restores ``step`` (default: the latest) into ``target``'s structure and shardings.
+
+        Every target leaf is filled from the saved leaf with the same path; when the optimizer
+        chain was edited since the save (a transform added, adam -> spam), from the saved leaf
+        with the same address: the same parameter and field (``mu`` of ``params/blocks/0/...``)
+        and the same counters (see :mod:`jaxlib_ext.restore_plan` and :meth:`plan`). Leaves
+        that nothing fills are taken from ``init`` and logged by path; without ``init`` they are
+        an error. Nothing is zero-filled.
 
         Args:
           target: a pytree of ``jax.ShapeDtypeStruct`` (with ``sharding``) or arrays whose
             shardings are used; PRNG key leaves come back as keys.
           step: the step; None for the latest.
           fallback: when the step is corrupt, restore the newest older step that is good.
+          init: a state with ``target``'s structure (e.g. the new chain's freshly initialized
+            state) giving the values of leaves the checkpoint cannot fill.
+          layouts: :class:`jaxlib_ext.layouts.Layout` conversions from the saved layout to the
+            target's (e.g. ``[UnstackLayers("blocks", L)]`` to restore a scanned model into an
+            unrolled one). Leaves they touch are read replicated on the target's mesh.
+          on_indivisible: a target sharding that splits a dimension over mesh axes that do not
+            divide it (e.g. 3 devices for a dimension of 8) raises
+            :class:`IncompatibleLayoutError` naming the leaf (``"error"``), or is restored with
+            that dimension replicated instead (``"replicate"``, the documented fallback: the
+            leaf's sharding then differs from the target's in that dimension only).
 
         Returns:
           ``(state, extra)``.
@@ -261,91 +304,182 @@ class Checkpointer:
           MissingStepError, StructureMismatchError, CorruptCheckpointError,
           IncompatibleLayoutError.
         """
+        if on_indivisible not in ("error", "replicate"):
+            raise ValueError(
+                f"`on_indivisible` must be 'error' or 'replicate', got {on_indivisible=}"
+            )
         self.wait()
-        candidates = self.steps()
-        if not candidates:
-            raise MissingStepError(f"no checkpoint in {self.directory}")
-        if step is None:
-            step = candidates[-1]
-        if step not in candidates:
-            raise MissingStepError(f"step {step} not in {self.directory} (steps: {candidates})")
+        step, candidates = self._step_to_read(step)
         order = [s for s in reversed(candidates) if s <= step] if fallback else [step]
         errors = []
         for s in order:
             try:
-                return self._restore_step(target, s)
+                return self._restore_step(target, s, init, tuple(layouts), on_indivisible)
             except CorruptCheckpointError as err:
                 if not fallback:
                     raise
                 errors.append(str(err))
         raise CorruptCheckpointError("no good step to fall back to:\n" + "\n".join(errors))
 
-    def _restore_step(self, target: Any, step: int):
+    def _restore_step(self, target, step, init, layouts, on_indivisible):
         info = manifest(self.directory, step)
-        leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(target)
-        keys = [leaf_key(p) for p, _ in leaves_with_paths]
-        saved = info["leaves"]
-        missing = [k for k in keys if k not in saved]
-        if missing:
-            raise StructureMismatchError(
-                f"step {step}: the target has leaves the checkpoint lacks: {missing[:10]}"
-                + (" ..." if len(missing) > 10 else "")
-            )
-        abstract = {}
-        for key, (_, leaf) in zip(keys, leaves_with_paths, strict=True):
-            want = (str(leaf.dtype), list(leaf.shape))
-            have = (saved[key]["dtype"], saved[key]["shape"])
-            if want != have:
+        pairing = _Pairing(target, info, layouts)
+        plan = pairing.plan
+        if plan.initialized and init is None:
+            raise StructureMismatchError(pairing.unfilled_message(step))
+        init_leaves = None
+        if init is not None:
+            try:
+                init_leaves = pairing.treedef.flatten_up_to(init)
+            except (ValueError, TypeError) as err:
                 raise StructureMismatchError(
-                    f"step {step}, leaf {key}: saved {have[0]}{have[1]}, target {want[0]}{want[1]}"
-                )
-            sharding = getattr(leaf, "sharding", None)
-            if _is_key(leaf):
-                impl_shape = jax.eval_shape(lambda k: jax.random.key_data(k), leaf).shape
-                spec = () if sharding is None else tuple(sharding.spec)
-                if sharding is not None:
-                    spec = spec + (None,) * (len(impl_shape) - len(spec))
-                    sharding = jax.sharding.NamedSharding(
-                        sharding.mesh, jax.sharding.PartitionSpec(*spec)
-                    )
-                abstract[key] = jax.ShapeDtypeStruct(impl_shape, jnp.uint32, sharding=sharding)
+                    f"step {step}: `init` does not have the target's structure: {err}"
+                ) from err
+        if plan.initialized:
+            _log.warning("step %d restored with leaves from `init`:\n%s", step, plan)
+        elif any(t != s for t, s in plan.sources.items()):
+            _log.info("step %d restored into an edited state:\n%s", step, plan)
+
+        placements = {}
+        for key, leaf in zip(pairing.keys, pairing.leaves, strict=True):
+            placements[key] = _placement(step, key, leaf, on_indivisible)
+        feeds = {s: t for t, s in plan.sources.items()}
+        touched = {k for k in info["leaves"] if any(lay.touches(k) for lay in layouts)}
+        mesh = next((p.mesh for p in placements.values() if hasattr(p, "mesh")), None)
+        abstract = {}
+        for key in set(feeds) | touched:
+            if key in touched:  # converted after reading: read whole on the target's mesh
+                sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
             else:
-                abstract[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(abstract)})
-            )[_ARRAYS]
-        except ValueError as err:
-            if "divisible" in str(err).lower() or "indivisible" in type(err).__name__.lower():
-                raise IncompatibleLayoutError(f"step {step}: {err}") from err
-            raise CorruptCheckpointError(
-                f"step {step}: the data under {self.directory / str(step) / _ARRAYS} could not "
-                f"be read: {err}"
-            ) from err
-        except Exception as err:  # TensorStore/OCDBT errors for truncated or missing files
-            raise CorruptCheckpointError(
-                f"step {step}: the data under {self.directory / str(step) / _ARRAYS} could not "
-                f"be read: {type(err).__name__}: {err}"
-            ) from err
+                sharding = placements[feeds[key]]
+            struct = pairing.saved[key]
+            abstract[key] = jax.ShapeDtypeStruct(
+                struct.shape, struct.dtype, sharding=_widened(sharding, len(struct.shape))
+            )
+        loaded = self._read(step, abstract)
         if self.verify != "none":
-            checked = keys if self.verify == "full" else keys[:: max(1, len(keys) // 8)]
-            sums = _checksum_strings([restored[k] for k in checked])
+            checked = sorted(loaded)
+            if self.verify == "sample":
+                checked = checked[:: max(1, len(checked) // 8)]
+            saved = info["leaves"]
+            sums = _checksum_strings([loaded[k] for k in checked])
             for key, got in zip(checked, sums, strict=True):
                 if got != saved[key]["checksum"]:
                     raise CorruptCheckpointError(
                         f"step {step}, leaf {key}: checksum {got} != saved "
                         f"{saved[key]['checksum']} (data in {self.directory / str(step) / _ARRAYS})"
                     )
+        view = convert(loaded, layouts) if layouts else loaded
         out = []
-        for key, (_, leaf) in zip(keys, leaves_with_paths, strict=True):
-            value = restored[key]
-            if _is_key(leaf):
-                impl = jax.random.key_impl(leaf) if isinstance(leaf, jax.Array) else None
-                value = jax.random.wrap_key_data(value, impl=impl)
-                if getattr(leaf, "sharding", None) is not None:
-                    value = jax.device_put(value, leaf.sharding)  # the target's exact sharding
+        for i, (key, leaf) in enumerate(zip(pairing.keys, pairing.leaves, strict=True)):
+            if key in plan.sources:
+                value = view[plan.sources[key]]
+                if _is_key(leaf):
+                    impl = jax.random.key_impl(leaf) if isinstance(leaf, jax.Array) else None
+                    value = jax.random.wrap_key_data(value, impl=impl)
+            else:
+                value = init_leaves[i]
+            placement = placements[key]
+            if placement is not None and getattr(value, "sharding", None) != placement:
+                value = jax.device_put(value, placement)
             out.append(value)
-        return treedef.unflatten(out), info["extra"]
+        return pairing.treedef.unflatten(out), info["extra"]
+
+    def _read(self, step: int, abstract: dict) -> dict:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        try:
+            return self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _ARRAYS: ocp.args.PyTreeRestore(
+                            abstract, restore_args=restore_args, partial_restore=True
+                        )
+                    }
+                ),
+            )[_ARRAYS]
+        except Exception as err:  # TensorStore/OCDBT errors for truncated or missing files
+            raise CorruptCheckpointError(
+                f"step {step}: the data under {self.directory / str(step) / _ARRAYS} could not "
+                f"be read: {type(err).__name__}: {err}"
+            ) from err
+
+
+class _Pairing:
+    """The target's leaves, the saved leaves (converted by ``layouts``) and the plan that
+    pairs them."""
+
+    def __init__(self, target: Any, info: dict, layouts: Sequence[Layout]):
+        leaves_with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(target)
+        self.keys = [leaf_key(p) for p, _ in leaves_with_paths]
+        self.leaves = [x for _, x in leaves_with_paths]
+        self.wanted = {k: _stored_struct(x) for k, x in zip(self.keys, self.leaves, strict=True)}
+        self.saved = {
+            k: jax.ShapeDtypeStruct(
+                tuple(v.get("stored_shape", v["shape"])), jnp.dtype(v["stored_dtype"])
+            )
+            for k, v in info["leaves"].items()
+        }
+        self.view = convert(self.saved, layouts) if layouts else self.saved
+        nodes = info.get("nodes", {})
+        self.plan = plan_restore(
+            describe({k: (x.shape, x.dtype) for k, x in self.view.items()}, nodes),
+            describe({k: (x.shape, x.dtype) for k, x in self.wanted.items()}, node_classes(target)),
+        )
+
+    def unfilled_message(self, step: int) -> str:
+        lacking = [k for k in self.plan.initialized if k not in self.view]
+        lines = [f"step {step}: the checkpoint cannot fill every leaf of the target."]
+        if lacking:
+            lines.append(
+                f"The target has leaves the checkpoint lacks: {lacking[:10]}"
+                + (" ..." if len(lacking) > 10 else "")
+            )
+        for key in self.plan.initialized:
+            if key in self.view:
+                have, want = self.view[key], self.wanted[key]
+                lines.append(
+                    f"leaf {key}: saved {have.dtype}{list(have.shape)}, "
+                    f"target {want.dtype}{list(want.shape)}"
+                )
+        lines.append(
+            "Pass `init=` (e.g. the new optimizer's initial state) to initialize them; "
+            "Checkpointer.plan() shows the whole pairing."
+        )
+        return "\n".join(lines)
+
+
+def _stored_struct(leaf: Any) -> jax.ShapeDtypeStruct:
+    """Shape and dtype a leaf is stored with (a PRNG key as its key data)."""
+    if _is_key(leaf):
+        return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), jnp.dtype(leaf.dtype))
+
+
+def _placement(step: int, key: str, leaf: Any, on_indivisible: str):
+    """The sharding a target leaf is restored with: its own, checked for divisibility."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    bad = indivisible_dims(leaf.shape, sharding)
+    if not bad:
+        return sharding
+    if on_indivisible == "replicate":
+        return replicate_dims(sharding, [dim for dim, _, _ in bad])
+    dim, axes, ways = bad[0]
+    raise IncompatibleLayoutError(
+        f"step {step}, leaf {key}: dimension {dim} of shape {tuple(leaf.shape)} cannot be split "
+        f"over mesh axes {axes} ({ways} ways); use a mesh that divides it or "
+        f"on_indivisible='replicate'"
+    )
+
+
+def _widened(sharding, ndim: int):
+    """A sharding for the stored form of a leaf: trailing key-data dims replicated."""
+    if not isinstance(sharding, NamedSharding) or len(sharding.spec) >= ndim:
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def manifest(directory: str | Path, step: int | None = None) -> dict:

@@ -123,6 +123,36 @@ def logical_sharding(
     return NamedSharding(mesh, spec)
 
 
+def indivisible_dims(
+    shape: Sequence[int], sharding: NamedSharding
+) -> list[tuple[int, tuple[str, ...], int]]:
+    """``(dim, mesh axes, ways)`` for every dimension of ``shape`` that ``sharding`` splits over
+    mesh axes whose total size does not divide it (JAX cannot place such an array).
+
+    Example:
+      >>> import jax
+      >>> mesh = jax.make_mesh((1,), ("x",))
+      >>> indivisible_dims((3, 4), NamedSharding(mesh, PartitionSpec("x")))
+      []
+    """
+    out = []
+    for dim, entry in enumerate(_spec_entries(sharding, len(shape))):
+        axes = _axes_of(entry)
+        ways = math.prod(sharding.mesh.shape[a] for a in axes)
+        if ways > 1 and shape[dim] % ways:
+            out.append((dim, axes, ways))
+    return out
+
+
+def replicate_dims(sharding: NamedSharding, dims: Sequence[int]) -> NamedSharding:
+    """``sharding`` with the given dimensions replicated instead of split."""
+    spec = list(sharding.spec)
+    for dim in dims:
+        if dim < len(spec):
+            spec[dim] = None
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
 def activation_constraint(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """``f(x, logical_axes)``: pins an activation to the sharding its logical axes map to.
 
