@@ -347,7 +347,7 @@ class Checkpointer:
         touched = {k for k in info["leaves"] if any(lay.touches(k) for lay in layouts)}
         mesh = next((p.mesh for p in placements.values() if hasattr(p, "mesh")), None)
         abstract = {}
-        for key in set(feeds) | touched:
+        for key in (set(feeds) & set(pairing.saved)) | touched:
             if key in touched:  # converted after reading: read whole on the target's mesh
                 sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
             else:
