@@ -162,3 +162,21 @@ def test_keeps_the_newest_steps(tmp_path):
         assert ckpt.steps() == [3, 4] and ckpt.latest_step() == 4
         restored, extra = ckpt.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, step=3)
     assert restored["w"].tolist() == [3.0] * 4 and extra is None
+
+
+def test_indivisible_target_is_named_or_replicated(tmp_path, devices):
+    three = make_mesh({"fsdp": 3}, devices=devices[:3])
+    split = jax.sharding.NamedSharding(three, jax.sharding.PartitionSpec("fsdp"))
+    state = {"w": jnp.arange(16.0).reshape(8, 2), "b": jnp.arange(6.0)}
+    target = {
+        "w": jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=split),
+        "b": jax.ShapeDtypeStruct((6,), jnp.float32, sharding=split),
+    }
+    with C.Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state)
+        with pytest.raises(C.IncompatibleLayoutError, match=r"step 1, leaf w: dimension 0 of"):
+            ckpt.restore(target)
+        restored, _ = ckpt.restore(target, on_indivisible="replicate")
+    _assert_equal(restored, state)
+    assert restored["w"].sharding.spec == jax.sharding.PartitionSpec(None)  # the fallback
+    assert restored["b"].sharding == split  # divisible leaves keep the target's sharding
