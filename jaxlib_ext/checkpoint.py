@@ -1,15 +1,28 @@
 """Universal, verifiable checkpoints of any train state, on Orbax.
 
 A checkpoint stores every array whole (logically), keyed by its path in the state, with a JSON
-manifest: format and library version, the mesh it was saved from (information only), and for each
-leaf its path, role, dtype, shape and a checksum of its logical bytes. A restore goes through a
-target (``jax.ShapeDtypeStruct``s with shardings, e.g. ``jax.eval_shape`` of the state's init placed
-with the library's rules on ANY mesh), so it reshards onto another mesh, device count or process
-count, returns exactly the target's structure and types (optax NamedTuples, PRNG keys), and
-verifies the checksums.
+manifest: format and library version, the mesh, process count and (if given) rules it was saved
+with (information only), the class of every state node, ``extra`` (JSON: the data pipeline's
+position, ...) and, for each leaf, its path, role (param / moment of params/X / counter / rng /
+data state / other), dtype, shape, the PartitionSpec it was saved with and a checksum of its
+logical bytes.
+
+A restore goes through a target (``jax.ShapeDtypeStruct``s with shardings, e.g.
+``jax.eval_shape`` of the state's init placed with the library's rules on ANY mesh), so it
+reshards onto another mesh, device count or process count, returns exactly the target's
+structure and types (optax NamedTuples, PRNG keys), and verifies the checksums. Optimizer state
+is matched by parameter address, so a checkpoint restores into an edited optax chain
+(:mod:`jaxlib_ext.restore_plan`), and :mod:`jaxlib_ext.layouts` conversions restore it into
+another layout (scanned <-> per-layer, expert order, replicas, fused projections).
 
 Orbax does the I/O (atomic commit through a temporary directory, async save); this module adds
 the manifest, the checks and typed errors (:class:`CheckpointError` and its subclasses).
+
+Reliability: a save is committed atomically (a killed save leaves the previous steps intact and
+its leftovers are removed by the next ``Checkpointer`` on the directory); an error in a
+background save is raised by the next call; a corrupt or truncated step raises
+:class:`CorruptCheckpointError` naming the step, the leaf and the data directory, and
+``restore(..., fallback=True)`` goes back to the newest good step.
 """
 
 from __future__ import annotations
@@ -103,7 +116,8 @@ def _checksum_strings(leaves: list[jax.Array]) -> list[str]:
 
 
 def _roles(state: Any, keys: list[str]) -> dict[str, str]:
-    """param / moment of param X / counter / rng / other, for a TrainState-like tree."""
+    """param / moment of param X / counter / rng / data state / other, for a TrainState-like
+    tree (``params`` and ``opt_state`` attributes; leaves under ``data`` are data state)."""
     roles = dict.fromkeys(keys, "other")
     params = getattr(state, "params", None)
     opt_state = getattr(state, "opt_state", None)
@@ -122,7 +136,9 @@ def _roles(state: Any, keys: list[str]) -> dict[str, str]:
         key = leaf_key(path)
         if roles[key] != "other":
             continue
-        if _is_key(leaf):
+        if key.split("/")[0] in ("data", "data_state"):
+            roles[key] = "data state"
+        elif _is_key(leaf):
             roles[key] = "rng"
         elif leaf.ndim == 0 and jnp.issubdtype(leaf.dtype, jnp.integer):
             roles[key] = "counter"
@@ -179,11 +195,17 @@ class Checkpointer:
 
     # -- saving ----------------------------------------------------------------------------
 
-    def save(self, step: int, state: Any, *, extra: dict | None = None) -> None:
+    def save(self, step: int, state: Any, *, extra: dict | None = None, rules: Any = None) -> None:
         """Saves ``state`` (any pytree of arrays) and ``extra`` (JSON) as ``step``.
 
         Asynchronous by default: returns once the arrays are copied off the devices; a failure
         of the background write is raised by the next call (or by :meth:`wait`).
+
+        Args:
+          step: the step number (the subdirectory's name).
+          state: a pytree of arrays, e.g. a ``TrainState``.
+          extra: JSON-serializable data, e.g. ``{"data": data_state.to_dict()}``.
+          rules: the sharding rules the state was placed with, recorded for information.
         """
         self._manager.check_for_errors()
         leaves_with_paths = jax.tree_util.tree_flatten_with_path(state)[0]
@@ -205,6 +227,7 @@ class Checkpointer:
             "step": int(step),
             "saved_mesh": mesh,
             "saved_process_count": jax.process_count(),
+            "saved_rules": None if rules is None else [[n, _jsonable(a)] for n, a in rules],
             "leaves": {
                 k: {
                     "role": roles[k],
@@ -212,6 +235,7 @@ class Checkpointer:
                     "shape": list(x.shape),
                     "stored_dtype": str(arrays[k].dtype),
                     "stored_shape": list(arrays[k].shape),
+                    "saved_spec": _spec_string(x),
                     "checksum": c,
                 }
                 for k, (_, x), c in zip(keys, leaves_with_paths, checksums, strict=True)
@@ -447,6 +471,15 @@ class _Pairing:
             "Checkpointer.plan() shows the whole pairing."
         )
         return "\n".join(lines)
+
+
+def _spec_string(x: Any) -> str | None:
+    sharding = getattr(x, "sharding", None)
+    return str(tuple(sharding.spec)) if isinstance(sharding, NamedSharding) else None
+
+
+def _jsonable(axes: Any) -> Any:
+    return list(axes) if isinstance(axes, (tuple, list)) else axes
 
 
 def _stored_struct(leaf: Any) -> jax.ShapeDtypeStruct:

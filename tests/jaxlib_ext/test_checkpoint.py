@@ -13,6 +13,7 @@ from jaxlib_ext import checkpoint as C
 from jaxlib_ext import train
 from jaxlib_ext.model import LanguageModel, LMConfig
 from parallel.mesh import make_mesh
+from parallel.rules import DEFAULT_RULES
 
 CFG = LMConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=16)
 
@@ -83,10 +84,12 @@ def test_manifest_describes_every_leaf(tmp_path, devices):
     mesh = make_mesh({"data": 2, "fsdp": 4}, devices=devices)
     _, state = _state(mesh, optim.spam(1e-3, density=0.5))
     with C.Checkpointer(tmp_path, async_save=False) as ckpt:
-        ckpt.save(1, state)
+        ckpt.save(1, state, rules=DEFAULT_RULES)
     info = C.manifest(tmp_path)
     assert info["format"] == C.FORMAT and info["step"] == 1
-    assert info["saved_mesh"] == {"data": 2, "fsdp": 4}
+    assert info["saved_mesh"] == {"data": 2, "fsdp": 4} and info["saved_process_count"] == 1
+    assert info["saved_rules"][0] == ["batch", ["data", "fsdp"]]
+    assert info["nodes"]["opt_state/0"] == "ScaleBySpamState" and info["nodes"][""] == "TrainState"
     leaves = info["leaves"]
     assert len(leaves) == len(jax.tree.leaves(state))
     assert leaves["params/head"]["role"] == "param"
@@ -96,6 +99,8 @@ def test_manifest_describes_every_leaf(tmp_path, devices):
     assert leaves["opt_state/0/mu/final_norm/scale"]["role"] == "moment of params/final_norm/scale"
     assert leaves["step"]["role"] == "counter" and leaves["opt_state/0/key"]["role"] == "rng"
     assert all(len(v["checksum"]) == 16 for v in leaves.values())
+    assert leaves["params/head"]["saved_spec"] == "('fsdp', None)"
+    assert leaves["opt_state/0/key"]["stored_shape"] == [2]  # a threefry key as its key data
 
 
 def _data_files(step_dir: Path) -> list[Path]:
