@@ -17,7 +17,8 @@ A leaf's address is ``(node, field, owner)``:
 dtype that no earlier pass paired: (1) the same path in the same kind of node, (2) the same
 address (the n-th leaf with an address pairs with the n-th one), (3) the same ``(field,
 owner)`` in order, across kinds of node (``ScaleByAdamState.mu`` -> ``ScaleBySpamState.mu``).
-Parameters pair only by path. Whatever remains is reported by path: target leaves that need an
+Parameters, and leaves that are not a field of a state class (entries of plain dicts and lists),
+pair only by path. Whatever remains is reported by path: target leaves that need an
 initial value and saved leaves that are not used. Nothing is ever zero-filled.
 """
 
@@ -184,7 +185,7 @@ def plan_restore(saved: Mapping[str, LeafInfo], target: Mapping[str, LeafInfo]) 
     def grouped(side: Mapping[str, LeafInfo], taken, by) -> dict[tuple, list[str]]:
         groups: dict[tuple, list[str]] = defaultdict(list)
         for key, info in side.items():
-            if key not in taken and info.node != PARAMS and info.field is not None:
+            if key not in taken and info.node not in (None, PARAMS) and info.field is not None:
                 groups[by(info)].append(key)
         return groups
 

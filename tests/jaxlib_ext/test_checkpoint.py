@@ -50,6 +50,7 @@ OPTIMIZERS = {
     "adamw": optax.adamw(1e-3),
     "spam-sparse": optim.spam(1e-3, density=0.5),
     "frugal": optim.frugal(1e-3, density=0.5, update_gap=2),
+    "diffgrad": optim.diffgrad(1e-3),
 }
 
 
@@ -58,8 +59,11 @@ MESHES = [
     ({"fsdp": 1}, {"data": 2, "fsdp": 4}, 8),
     ({"data": 2, "fsdp": 4}, {"fsdp": 8}, 8),
     ({"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2}, 4),
+    ({"fsdp": 8}, {"fsdp": 2}, 2),
 ]
-CASES = [("adamw", *m) for m in MESHES] + [(n, *MESHES[0]) for n in ("spam-sparse", "frugal")]
+CASES = [("adamw", *m) for m in MESHES] + [
+    (n, *MESHES[0]) for n in ("spam-sparse", "frugal", "diffgrad")
+]
 
 
 @pytest.mark.parametrize(("name", "save_axes", "load_axes", "load_devices"), CASES)

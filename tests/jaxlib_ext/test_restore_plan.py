@@ -173,3 +173,10 @@ def test_address():
     )
     assert address("opt_state/0/count", params, nodes) == ("ScaleByAdamState", "count", None)
     assert address("step", params, nodes) == ("TrainState", "step", None)
+
+
+def test_plain_dict_entries_pair_only_by_path():
+    saved = {"decoder/kernel": _info((4,), node=None, field="kernel")}
+    target = {"encoder/kernel": _info((4,), node=None, field="kernel")}
+    plan = plan_restore(saved, target)
+    assert plan.sources == {} and list(plan.initialized) == ["encoder/kernel"]
