@@ -77,6 +77,18 @@ def init_train_state(
     return TrainState(step, params, opt_state)
 
 
+def abstract_train_state(
+    model: Any, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+    """The train state's shapes, dtypes and shardings, without creating it: a checkpoint
+    restore target (``Checkpointer.restore(abstract_train_state(model, tx, shardings))``) for
+    any mesh the ``shardings`` were derived for."""
+    abstract = jax.eval_shape(lambda: init_train_state(model, tx, shardings))
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
 def batch_sharding(
     mesh: Mesh, rules: Rules = DEFAULT_RULES, *, global_batch: int | None = None
 ) -> NamedSharding:

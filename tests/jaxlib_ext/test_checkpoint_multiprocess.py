@@ -43,10 +43,7 @@ def _trained(mesh, steps=2):
 
 def _target(mesh):
     lm, tx, shardings = _setup(mesh)
-    abstract = jax.eval_shape(lambda: train.init_train_state(lm, tx, shardings))
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    return train.abstract_train_state(lm, tx, shardings)
 
 
 def _host_values(state) -> dict[str, np.ndarray]:

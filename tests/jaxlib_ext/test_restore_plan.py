@@ -38,10 +38,7 @@ def _trained(mesh, tx, steps=2):
 
 def _target(mesh, tx):
     lm, shardings, _, _ = _setup(mesh, tx)
-    abstract = jax.eval_shape(lambda: train.init_train_state(lm, tx, shardings))
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    return train.abstract_train_state(lm, tx, shardings)
 
 
 def _np(x):
