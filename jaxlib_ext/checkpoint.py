@@ -342,6 +342,7 @@ class Checkpointer:
             except CorruptCheckpointError as err:
                 if not fallback:
                     raise
+                _log.warning("step %d is not usable, falling back: %s", s, err)
                 errors.append(str(err))
         raise CorruptCheckpointError("no good step to fall back to:\n" + "\n".join(errors))
 
@@ -425,7 +426,7 @@ class Checkpointer:
         except Exception as err:  # TensorStore/OCDBT errors for truncated or missing files
             raise CorruptCheckpointError(
                 f"step {step}: the data under {self.directory / str(step) / _ARRAYS} could not "
-                f"be read: {type(err).__name__}: {err}"
+                f"be read: {type(err).__name__}: {_short(str(err))}"
             ) from err
 
 
@@ -471,6 +472,12 @@ class _Pairing:
             "Checkpointer.plan() shows the whole pairing."
         )
         return "\n".join(lines)
+
+
+def _short(message: str, limit: int = 400) -> str:
+    """An I/O error's message without TensorStore's spec dump, at most ``limit`` characters."""
+    message = message.split(" [tensorstore_spec", 1)[0]
+    return message if len(message) <= limit else message[:limit] + " ..."
 
 
 def _spec_string(x: Any) -> str | None:

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 
 PARAMS = "params"
+PASSES = ("path", "address", "field")
 
 
 def _key_name(entry: Any) -> str:
@@ -136,13 +137,17 @@ class RestorePlan:
     unused: list[str]
 
     def __str__(self) -> str:
-        moved = {t: s for t, s in self.sources.items() if t != s}
+        counts = {kind: sum(h == kind for h in self.how.values()) for kind in PASSES}
         lines = [
-            f"{len(self.sources)} leaves restored ({len(self.sources) - len(moved)} by path, "
-            f"{len(moved)} moved), {len(self.initialized)} initialized, "
-            f"{len(self.unused)} saved leaves unused"
+            f"{len(self.sources)} leaves restored ("
+            + ", ".join(f"{n} by {kind}" for kind, n in counts.items())
+            + f"), {len(self.initialized)} initialized, {len(self.unused)} saved leaves unused"
         ]
-        lines += [f"  moved       {t} <- {s} (by {self.how[t]})" for t, s in moved.items()]
+        lines += [
+            f"  {self.how[t]:<11} {t} <- {s}"
+            for t, s in self.sources.items()
+            if self.how[t] != "path"
+        ]
         lines += [f"  initialized {t}: {why}" for t, why in self.initialized.items()]
         lines += [f"  unused      {s}" for s in self.unused]
         return "\n".join(lines)

@@ -97,6 +97,9 @@ def test_switching_adam_to_spam_carries_moments_and_initializes_the_rest(tmp_pat
             assert plan.sources[key] == key and plan.how[key] == "field"
             np.testing.assert_array_equal(np.asarray(new[key]), np.asarray(old[key]))
     assert plan.sources["opt_state/0/count"] == "opt_state/0/count"  # adam's count, kept
+    by_field = sum(how == "field" for how in plan.how.values())  # mu, nu per param, and count
+    assert by_field == 2 * len(jax.tree.leaves(state.params)) + 1
+    assert f"0 by address, {by_field} by field), " in str(plan).splitlines()[0]
     assert int(restored.opt_state[0].count) == 2
     # SPAM's schedule counter is new (adam had a constant rate), and so is its mask key, if any
     assert set(plan.initialized) == {"opt_state/1/count"} | {
