@@ -7,6 +7,14 @@ first ``--devices`` accelerators are used. The model is trained data-parallel x 
 ``data x fsdp`` mesh over the Python standard library's source code (or ``--data PATH``), with a
 progress bar; at the end a summary table is printed and ``OUT/metrics.json`` (per-step losses and
 metrics, the compiled step's collective bytes and memory) and ``OUT/loss.png`` are written.
+
+With ``--checkpoint-dir DIR`` the train state and the data position are saved (asynchronously)
+every ``--checkpoint-every`` steps and at the end, and ``--resume`` continues from the latest good
+checkpoint, on any device count. SIGTERM (a preemption, ``kill``, a scheduler's stop) is handled
+during training: the step in progress finishes, the state at that step is saved and committed to
+DIR, ``SIGTERM: saved step N, exiting`` is printed, the summary and outputs for the steps done are
+written and the command exits with status 0; ``--resume`` then continues from step N. Without
+``--checkpoint-dir`` it stops after the step in progress the same way, saving nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=0, help="MoE experts per MLP (0: dense MLP)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (MoE)")
     p.add_argument("--scan-layers", action="store_true", help="stack layers and run nnx.scan")
-    p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here")
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="save checkpoints here (also on SIGTERM: the current step is saved, then exit 0)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -213,6 +227,30 @@ def _setup(args: argparse.Namespace):
     return mesh, config, model, tx, batches, shardings, batch_sharding
 
 
+class _StopOnSigterm:
+    """While active, SIGTERM only sets :attr:`received`; the previous handler comes back after.
+
+    Installed from the main thread only (Python delivers signals there); elsewhere it does nothing.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __enter__(self) -> _StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) -> dict:
     import jax
     import numpy as np
@@ -252,31 +290,41 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
 
     history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "tokens_per_sec": []}
     start = time.perf_counter()
-    bar = tqdm(
-        range(start_step, args.steps),
-        desc="training",
-        unit="step",
-        disable=args.no_progress,
-        dynamic_ncols=True,
-    )
-    for step in bar:
-        tick = time.perf_counter()
-        batch, data_state = batches.batch(data_state)
-        state, metrics = step_fn(state, train.shard_batch(batch, batch_sharding))
-        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        elapsed = time.perf_counter() - tick
-        history["losses"].append(loss)
-        history["grad_norms"].append(grad_norm)
-        history["tokens_per_sec"].append(int(metrics["tokens"]) / elapsed)
-        bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{grad_norm:.2f}")
-        done = step + 1
-        if ckpt is not None and args.checkpoint_every and done % args.checkpoint_every == 0:
-            save(done)
-    wall = time.perf_counter() - start
-    if ckpt is not None:
-        if not (args.checkpoint_every and args.steps % args.checkpoint_every == 0):
-            save(args.steps)
-        ckpt.close()
+    done = start_step
+    # SIGTERM: finish the step in progress, save it (committed before the message), exit 0.
+    with _StopOnSigterm() as stop:
+        bar = tqdm(
+            range(start_step, args.steps),
+            desc="training",
+            unit="step",
+            disable=args.no_progress,
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            tick = time.perf_counter()
+            batch, data_state = batches.batch(data_state)
+            state, metrics = step_fn(state, train.shard_batch(batch, batch_sharding))
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            elapsed = time.perf_counter() - tick
+            history["losses"].append(loss)
+            history["grad_norms"].append(grad_norm)
+            history["tokens_per_sec"].append(int(metrics["tokens"]) / elapsed)
+            bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{grad_norm:.2f}")
+            done = step + 1
+            if ckpt is not None and args.checkpoint_every and done % args.checkpoint_every == 0:
+                save(done)
+            if stop.received:
+                break
+        bar.close()
+        wall = time.perf_counter() - start
+        if ckpt is not None:
+            if not (args.checkpoint_every and done % args.checkpoint_every == 0):
+                save(done)
+            ckpt.close()  # waits until the last save is committed
+        if stop.received:
+            what = f"saved step {done}" if ckpt is not None else f"stopped after step {done}"
+            print(f"SIGTERM: {what}, exiting", flush=True)
+        interrupted = stop.received and done < args.steps
 
     losses = history["losses"]
     steady = history["tokens_per_sec"][1:] or history["tokens_per_sec"]
@@ -298,7 +346,7 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
         ("mesh", " x ".join(f"{k}={v}" for k, v in mesh.shape.items())),
         ("parameters", f"{model.num_params():,}"),
         ("optimizer state", costs.format_bytes(opt_bytes)),
-        ("steps", f"{start_step + 1}..{args.steps} in {wall:.1f} s"),
+        ("steps", f"{start_step + 1}..{done} in {wall:.1f} s{' (SIGTERM)' if interrupted else ''}"),
         ("first / final loss", f"{losses[0]:.3f} / {losses[-1]:.3f} nats per byte"),
         ("mean of last 20", f"{summary['mean_loss_last_20']:.3f} (uniform: {math.log(256):.3f})"),
         ("tokens / s (median)", f"{summary['tokens_per_sec_median']:,.0f}"),
@@ -314,6 +362,8 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
         "args": {k: v for k, v in vars(args).items() if k != "parser"},
         "model": vars(config),
         "start_step": start_step,
+        "end_step": done,
+        "stopped_by_sigterm": interrupted,
         **history,
         "summary": summary,
     }

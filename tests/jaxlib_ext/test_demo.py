@@ -5,8 +5,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -127,3 +129,114 @@ def test_resume_needs_a_checkpoint(tmp_path):
     assert done.returncode == 2 and "cannot resume" in done.stderr
     done = _demo("--resume", "--out", str(tmp_path), timeout=120)
     assert done.returncode == 2 and "need --checkpoint-dir" in done.stderr
+
+
+class _Demo:
+    """The demo running in the background, its output going to files (no pipe to fill up)."""
+
+    def __init__(self, tmp_path, *flags):
+        self.stdout, self.stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "jaxlib_ext.demo", *flags],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=out,
+                stderr=err,
+            )
+
+    def wait_until(self, condition, what, timeout=400):
+        """Polls ``condition`` (something the demo writes) until it holds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the demo exited ({self.proc.returncode}) before {what}:\n"
+                    + self.stderr.read_text()
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"timed out waiting for {what}:\n" + self.stderr.read_text())
+            time.sleep(0.05)
+
+    def terminate(self, timeout=300) -> tuple[int, str, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+        return code, self.stdout.read_text(), self.stderr.read_text()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _endless(flags):
+    flags = [*flags]
+    flags[flags.index("--steps") + 1] = "100000"  # cannot finish before the signal
+    return flags
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly_then_resume_continues(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    demo = _Demo(
+        tmp_path,
+        *_endless(TINY),
+        "--out",
+        str(tmp_path / "first"),
+        "--checkpoint-dir",
+        str(ckpt),
+        "--checkpoint-every",
+        "3",
+    )
+    try:
+        # Step 3 committed (Orbax renames the step's temporary directory to "3" at the commit):
+        # training is under way with the SIGTERM handler installed.
+        demo.wait_until(lambda: (ckpt / "3").is_dir(), "the checkpoint of step 3")
+        code, out, err = demo.terminate()
+    finally:
+        demo.stop()
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    found = re.search(r"^SIGTERM: saved step (\d+), exiting$", out, re.MULTILINE)
+    assert found, out
+    stopped = int(found[1])
+    assert stopped >= 3
+    assert "(SIGTERM)" in out and "Summary" in out
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    assert first["stopped_by_sigterm"] and first["end_step"] == stopped
+    assert len(first["losses"]) == stopped
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert all(n.isdigit() for n in names), f"uncommitted leftovers: {names}"
+    assert max(int(n) for n in names) == stopped, names
+
+    short = [*TINY]
+    short[short.index("--steps") + 1] = str(stopped + 3)
+    resumed = _demo(
+        *short, "--out", str(tmp_path / "resumed"), "--checkpoint-dir", str(ckpt), "--resume"
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "SIGTERM" not in resumed.stdout
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["start_step"] == stopped and metrics["end_step"] == stopped + 3
+    assert len(metrics["losses"]) == 3 and not metrics["stopped_by_sigterm"]
+    assert all(math.isfinite(x) for x in metrics["losses"])
+
+
+def test_sigterm_without_checkpoints_stops_after_the_current_step(tmp_path):
+    flags = [f for f in _endless(TINY) if f != "--no-progress"]  # the bar says training began
+    demo = _Demo(tmp_path, *flags, "--out", str(tmp_path / "out"))
+    try:
+        demo.wait_until(lambda: "training:" in demo.stderr.read_text(), "the training loop")
+        code, out, err = demo.terminate()
+    finally:
+        demo.stop()
+    assert code == 0, err
+    found = re.search(r"^SIGTERM: stopped after step (\d+), exiting$", out, re.MULTILINE)
+    assert found, out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["stopped_by_sigterm"] and metrics["end_step"] == int(found[1]) >= 1
+    assert len(metrics["losses"]) == metrics["end_step"]
