@@ -65,6 +65,10 @@ class CorruptCheckpointError(CheckpointError):
     """A leaf's bytes do not match its checksum, or its data could not be read."""
 
 
+class SaveError(CheckpointError):
+    """A save failed (raised by the next call after an asynchronous save's failure)."""
+
+
 class IncompatibleLayoutError(CheckpointError):
     """The target's sharding cannot hold the saved array (e.g. a dimension not divisible)."""
 
@@ -189,9 +193,12 @@ class Checkpointer:
         self.close()
 
     def close(self) -> None:
-        """Waits for a save in flight, then releases Orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for a save in flight, then releases Orbax's resources; raises
+        :class:`SaveError` if that save failed."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -207,7 +214,10 @@ class Checkpointer:
           extra: JSON-serializable data, e.g. ``{"data": data_state.to_dict()}``.
           rules: the sharding rules the state was placed with, recorded for information.
         """
-        self._manager.check_for_errors()
+        # Take the previous save's outcome first (Orbax would wait for it anyway): checking only
+        # for its error here could consume the error before Orbax's own finalize sees it, which
+        # then retires older steps as if the failed save had committed.
+        self.wait()
         leaves_with_paths = jax.tree_util.tree_flatten_with_path(state)[0]
         keys = [leaf_key(p) for p, _ in leaves_with_paths]
         if len(set(keys)) != len(keys):
@@ -251,9 +261,21 @@ class Checkpointer:
         )
 
     def wait(self) -> None:
-        """Blocks until the save in flight is committed; raises its error if it failed."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Blocks until the save in flight is committed.
+
+        Raises:
+          SaveError: the save failed in the background (raised once); the step list is read
+            again from the disk, so it holds exactly the committed steps.
+        """
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as err:
+            self._manager.reload()
+            raise SaveError(
+                f"a background save in {self.directory} failed: {type(err).__name__}: "
+                f"{_short(str(err))}"
+            ) from err
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -553,6 +575,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleLayoutError",
     "MissingStepError",
+    "SaveError",
     "StructureMismatchError",
     "leaf_key",
     "manifest",
