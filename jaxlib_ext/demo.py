@@ -262,10 +262,7 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
     ckpt = Checkpointer(args.checkpoint_dir) if args.checkpoint_dir else None
     start_step, data_state = 0, batches.initial_state(args.seed)
     if args.resume:
-        abstract = jax.eval_shape(lambda: train.init_train_state(model, tx, shardings))
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
+        target = train.abstract_train_state(model, tx, shardings)
         try:
             state, extra = ckpt.restore(target, fallback=True)
         except CheckpointError as err:

@@ -404,12 +404,7 @@ class _Run:
         return train.init_train_state(self.lm, self.tx, self.shardings, seed=0)
 
     def target(self):
-        abstract = jax.eval_shape(lambda: train.init_train_state(self.lm, self.tx, self.shardings))
-        return jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract,
-            self.shardings,
-        )
+        return train.abstract_train_state(self.lm, self.tx, self.shardings)
 
     def steps(self, state, first: int, count: int):
         losses = []
