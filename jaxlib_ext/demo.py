@@ -258,6 +258,7 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
 
     from jaxlib_ext import costs, data, train
     from jaxlib_ext.checkpoint import Checkpointer, CheckpointError
+    from parallel.rules import DEFAULT_RULES
 
     ckpt = Checkpointer(args.checkpoint_dir) if args.checkpoint_dir else None
     start_step, data_state = 0, batches.initial_state(args.seed)
@@ -279,7 +280,7 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
     step_fn = train.make_train_step(train.lm_loss(model), tx, shardings, batch_sharding)
 
     def save(step: int) -> None:
-        ckpt.save(step, state, extra={"data": data_state.to_dict()})
+        ckpt.save(step, state, extra={"data": data_state.to_dict()}, rules=DEFAULT_RULES)
 
     first, _ = batches.batch(batches.initial_state(args.seed))
     report = costs.analyze(step_fn, state, train.shard_batch(first, batch_sharding))
