@@ -88,29 +88,45 @@ def _plain(x: jax.Array) -> jax.Array:
     return jax.random.key_data(x) if _is_key(x) else x
 
 
+def _words(x: jax.Array) -> jax.Array:
+    """The logical bytes of ``x`` as uint32 words, in ``x``'s shape (8-byte types: a trailing
+    axis of 2 halves)."""
+    width = x.dtype.itemsize
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if width == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if width == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    if width == 1:
+        return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
 @jax.jit
 def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
-    """Per leaf, two uint32 sums over its logical bytes: plain and position-weighted.
+    """Per leaf, two uint32 sums over its logical bytes: plain, and weighted by each word's
+    row-major position ``i`` with ``i % 65521 + 1``.
 
     Integer sums wrap identically in any order, so the value does not depend on the sharding,
-    device count or process count the array lives on.
+    device count or process count the array lives on. Positions come from iotas over the
+    leaf's own shape (no reshape), so every device sums its own shard: nothing is gathered.
     """
     out = []
     for x in leaves:
-        flat = x.reshape(-1)
-        width = flat.dtype.itemsize
-        if flat.dtype == jnp.bool_:
-            words = flat.astype(jnp.uint32)
-        elif width == 4:
-            words = jax.lax.bitcast_convert_type(flat, jnp.uint32)
-        elif width == 2:
-            words = jax.lax.bitcast_convert_type(flat, jnp.uint16).astype(jnp.uint32)
-        elif width == 1:
-            words = jax.lax.bitcast_convert_type(flat, jnp.uint8).astype(jnp.uint32)
-        else:  # 8-byte types: both halves
-            words = jax.lax.bitcast_convert_type(flat, jnp.uint32).reshape(-1)
-        weights = (jnp.arange(words.shape[0], dtype=jnp.uint32) % jnp.uint32(65521)) + 1
-        out.append(jnp.stack([jnp.sum(words), jnp.sum(words * weights)]))
+        words = _words(x)
+        position = jnp.zeros(words.shape, jnp.uint32)
+        stride = 1
+        for dim in reversed(range(words.ndim)):
+            iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim)
+            position = position + iota * jnp.uint32(stride % 2**32)
+            stride *= words.shape[dim]
+        weights = position % jnp.uint32(65521) + 1
+        out.append(
+            jnp.stack(
+                [jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)]
+            )
+        )
     return out
 
 
@@ -218,6 +234,7 @@ class Checkpointer:
         # for its error here could consume the error before Orbax's own finalize sees it, which
         # then retires older steps as if the failed save had committed.
         self.wait()
+        self._manager.reload()  # the steps on disk, also those other processes wrote
         leaves_with_paths = jax.tree_util.tree_flatten_with_path(state)[0]
         keys = [leaf_key(p) for p, _ in leaves_with_paths]
         if len(set(keys)) != len(keys):
@@ -280,11 +297,14 @@ class Checkpointer:
     # -- reading ---------------------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """Committed steps, oldest first."""
-        return sorted(self._manager.all_steps())
+        """Committed steps, oldest first, as they are on the disk now (so a reader sees the
+        steps another process saved since it opened the directory)."""
+        return _committed_steps(self.directory)
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        """The newest committed step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
 
     def _step_to_read(self, step: int | None) -> tuple[int, list[int]]:
         candidates = self.steps()
@@ -544,6 +564,14 @@ def _widened(sharding, ndim: int):
     return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
+def _committed_steps(root: Path) -> list[int]:
+    """Steps whose directory exists under its final name: Orbax renames a step's temporary
+    directory only once everything in it is written."""
+    if not root.exists():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
 def manifest(directory: str | Path, step: int | None = None) -> dict:
     """The manifest of ``step`` (default: the latest) without loading any array.
 
@@ -552,7 +580,7 @@ def manifest(directory: str | Path, step: int | None = None) -> dict:
       CorruptCheckpointError: the manifest is unreadable.
     """
     root = Path(directory).absolute()
-    steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit()) if root.exists() else []
+    steps = _committed_steps(root)
     if not steps:
         raise MissingStepError(f"no checkpoint in {root}")
     step = steps[-1] if step is None else int(step)
