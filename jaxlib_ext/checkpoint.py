@@ -19,7 +19,8 @@ Orbax does the I/O (atomic commit through a temporary directory, async save); th
 the manifest, the checks and typed errors (:class:`CheckpointError` and its subclasses).
 
 Reliability: a save is committed atomically (a killed save leaves the previous steps intact and
-its leftovers are removed by the next ``Checkpointer`` on the directory); an error in a
+its leftovers are removed by the next save into the directory; opening a directory only to read
+it deletes nothing, so an evaluator can read while a trainer writes); an error in a
 background save is raised by the next call; a corrupt or truncated step raises
 :class:`CorruptCheckpointError` naming the step, the leaf and the data directory, and
 ``restore(..., fallback=True)`` goes back to the newest good step.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -46,6 +48,7 @@ from parallel.rules import indivisible_dims, replicate_dims, state_param_paths
 FORMAT = "jaxlib-ext-checkpoint/1"
 _ARRAYS, _MANIFEST = "arrays", "manifest"
 _log = logging.getLogger(__name__)
+_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(Exception):
@@ -191,10 +194,11 @@ class Checkpointer:
             raise ValueError(f"`max_to_keep` must be >= 1 or None, got {max_to_keep=}")
         self.directory = Path(directory).absolute()
         self.verify = verify
+        self._leftovers_removed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=False,  # see _remove_leftovers
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_ARRAYS, _MANIFEST)
@@ -234,6 +238,8 @@ class Checkpointer:
         # for its error here could consume the error before Orbax's own finalize sees it, which
         # then retires older steps as if the failed save had committed.
         self.wait()
+        if not self._leftovers_removed:
+            self._remove_leftovers()
         self._manager.reload()  # the steps on disk, also those other processes wrote
         leaves_with_paths = jax.tree_util.tree_flatten_with_path(state)[0]
         keys = [leaf_key(p) for p, _ in leaves_with_paths]
@@ -276,6 +282,22 @@ class Checkpointer:
                 **{_ARRAYS: ocp.args.PyTreeSave(arrays), _MANIFEST: ocp.args.JsonSave(manifest)}
             ),
         )
+
+    def _remove_leftovers(self) -> None:
+        """Deletes the temporary directories of saves that were killed before they committed.
+
+        Done by the first ``save`` rather than on opening (as Orbax would), so that opening a
+        directory to read it never deletes the save another process has in flight.
+        """
+        if jax.process_index() == 0 and self.directory.exists():
+            for path in self.directory.glob(f"*{_TMP_MARK}*"):
+                _log.info("removing the leftovers of an unfinished save: %s", path)
+                shutil.rmtree(path, ignore_errors=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxlib_ext.checkpoint: leftovers removed")
+        self._leftovers_removed = True
 
     def wait(self) -> None:
         """Blocks until the save in flight is committed.

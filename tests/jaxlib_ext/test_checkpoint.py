@@ -221,13 +221,14 @@ def test_checksums_match_numpy_and_gather_nothing(devices):
     assert costs.analyze(C._checksums, [sharded]).total_wire_bytes() < 64 * 96 * 4 / 8
 
 
-def test_a_reader_sees_steps_saved_after_it_opened(tmp_path):
-    target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
-    with C.Checkpointer(tmp_path) as writer, C.Checkpointer(tmp_path) as reader:
-        writer.save(1, {"w": jnp.full(4, 1.0)})
-        writer.wait()
-        assert reader.steps() == [1]
-        writer.save(2, {"w": jnp.full(4, 2.0)})
-        writer.wait()
-        assert reader.latest_step() == 2
-        assert reader.restore(target)[0]["w"].tolist() == [2.0] * 4
+def test_a_reader_opened_during_a_save_breaks_nothing_and_sees_new_steps(tmp_path):
+    target = {"w": jax.ShapeDtypeStruct((1 << 20,), jnp.float32)}
+    with C.Checkpointer(tmp_path) as writer:
+        writer.save(1, {"w": jnp.full(1 << 20, 1.0)})  # in flight while the reader opens
+        with C.Checkpointer(tmp_path) as reader:  # must not delete the save in flight
+            writer.wait()
+            assert reader.steps() == [1]
+            writer.save(2, {"w": jnp.full(1 << 20, 2.0)})
+            writer.wait()
+            assert reader.latest_step() == 2
+            assert float(reader.restore(target)[0]["w"][0]) == 2.0

@@ -222,8 +222,7 @@ def test_leftovers_of_a_killed_save_do_not_break_saving_that_step_again(
         "step": jnp.int32(2),
     }
     with C.Checkpointer(directory) as ckpt:
-        # Opening the directory starts removing the leftovers in the background
-        # (cleanup_tmp_directories); the first save waits for that to finish.
+        # The leftovers are ignored by readers and removed by the first save.
         assert ckpt.steps() == [1]
         ckpt.save(2, again, extra={"try": 2})
         ckpt.wait()
@@ -242,7 +241,7 @@ def test_leftovers_appearing_under_an_open_checkpointer_do_not_break_the_save(tm
     same step that died in another process, or one that failed here): the save still commits."""
     state = {"w": jnp.arange(1000.0), "step": jnp.int32(3)}
     with C.Checkpointer(tmp_path) as ckpt:
-        ckpt.save(1, state)  # the first save waits for the cleanup of leftovers at opening
+        ckpt.save(1, state)  # the first save removes leftovers from before
         ckpt.wait()
         leftover = tmp_path / f"3{TMP_MARK}" / f"arrays{TMP_MARK}" / "ocdbt.process_0" / "d"
         leftover.mkdir(parents=True)
