@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxlib_ext.checksums import checksum_strings
 from jaxlib_ext.layouts import Layout, convert
 from jaxlib_ext.restore_plan import RestorePlan, describe, leaf_key, node_classes, plan_restore
 from parallel.rules import indivisible_dims, replicate_dims, state_param_paths
@@ -89,57 +90,6 @@ def _is_key(x: Any) -> bool:
 
 def _plain(x: jax.Array) -> jax.Array:
     return jax.random.key_data(x) if _is_key(x) else x
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """The logical bytes of ``x`` as uint32 words, in ``x``'s shape (8-byte types: a trailing
-    axis of 2 halves)."""
-    width = x.dtype.itemsize
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    if width == 4:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    if width == 2:
-        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    if width == 1:
-        return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-
-
-@jax.jit
-def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
-    """Per leaf, two uint32 sums over its logical bytes: plain, and weighted by each word's
-    row-major position ``i`` with ``i % 65521 + 1``.
-
-    Integer sums wrap identically in any order, so the value does not depend on the sharding,
-    device count or process count the array lives on. Positions come from iotas over the
-    leaf's own shape (no reshape), so every device sums its own shard: nothing is gathered,
-    and nothing of the leaf's size is stored (checked by the tests on the compiled program).
-    """
-    out = []
-    for x in leaves:
-        words = _words(x)
-        position = jnp.zeros(words.shape, jnp.uint32)
-        stride = 1
-        for dim in reversed(range(words.ndim)):
-            iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim)
-            position = position + iota * jnp.uint32(stride % 2**32)
-            stride *= words.shape[dim]
-        weights = position % jnp.uint32(65521) + 1
-        zero = jnp.uint32(0)
-        sums = jax.lax.reduce(  # one variadic reduce: XLA fuses it, no word array is stored
-            (words, words * weights),
-            (zero, zero),
-            lambda a, b: (a[0] + b[0], a[1] + b[1]),
-            tuple(range(words.ndim)),
-        )
-        out.append(jnp.stack(sums))
-    return out
-
-
-def _checksum_strings(leaves: list[jax.Array]) -> list[str]:
-    sums = jax.device_get(_checksums(leaves))
-    return [f"{int(a):08x}{int(b):08x}" for a, b in sums]
 
 
 def _roles(state: Any, keys: list[str]) -> dict[str, str]:
@@ -250,7 +200,7 @@ class Checkpointer:
         if len(set(keys)) != len(keys):
             raise StructureMismatchError(f"step {step}: two leaves share a storage key")
         arrays = {k: _plain(x) for k, (_, x) in zip(keys, leaves_with_paths, strict=True)}
-        checksums = _checksum_strings(list(arrays.values()))
+        checksums = checksum_strings(list(arrays.values()))
         roles = _roles(state, keys)
         mesh = None
         for _, x in leaves_with_paths:
@@ -455,7 +405,7 @@ class Checkpointer:
             if self.verify == "sample":
                 checked = checked[:: max(1, len(checked) // 8)]
             saved = info["leaves"]
-            sums = _checksum_strings([loaded[k] for k in checked])
+            sums = checksum_strings([loaded[k] for k in checked])
             for key, got in zip(checked, sums, strict=True):
                 if got != saved[key]["checksum"]:
                     raise CorruptCheckpointError(
