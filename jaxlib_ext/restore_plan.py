@@ -31,20 +31,19 @@ from typing import Any
 
 import jax
 
+from parallel.rules import path_names
+
 PARAMS = "params"
 PASSES = ("path", "address", "field")
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
+def _joined(path: Sequence[Any]) -> str:
+    return "/".join(map(str, path_names(path)))
 
 
 def leaf_key(path: Sequence[Any]) -> str:
     """A state path as a storage key: ``opt_state/0/mu/blocks/0/mlp/wi``."""
-    return "/".join(_key_name(p) for p in path) or "_root"
+    return _joined(path) or "_root"
 
 
 def node_classes(tree: Any) -> dict[str, str]:
@@ -63,9 +62,9 @@ def node_classes(tree: Any) -> dict[str, str]:
         if len(children) == 1 and children[0][0] == ():
             return  # a leaf
         if type(node) not in (dict, list, tuple):
-            out["/".join(prefix)] = type(node).__name__
+            out[_joined(prefix)] = type(node).__name__
         for (entry,), child in children:
-            visit(child, (*prefix, _key_name(entry)))
+            visit(child, (*prefix, entry))
 
     visit(tree, ())
     return out
