@@ -14,6 +14,7 @@ from jaxlib_ext import train
 from jaxlib_ext.model import LanguageModel, LMConfig
 from parallel.mesh import make_mesh
 from parallel.rules import DEFAULT_RULES
+from tests.jaxlib_ext.states import assert_same_state
 
 CFG = LMConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=16)
 
@@ -33,14 +34,6 @@ def _state(mesh, tx):
 def _target(lm, tx, mesh):
     shardings = train.train_state_shardings(lm, tx, mesh)
     return train.abstract_train_state(lm, tx, shardings)
-
-
-def _assert_equal(a, b):
-    plain = lambda x: np.asarray(jax.random.key_data(x) if C._is_key(x) else x)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(plain(x), plain(y))
 
 
 OPTIMIZERS = {
@@ -75,7 +68,7 @@ def test_restore_onto_another_mesh_is_bit_exact(
         load_mesh = make_mesh(load_axes, devices=devices[:load_devices])
         target = _target(lm, tx, load_mesh)
         restored, extra = ckpt.restore(target)
-    _assert_equal(restored, state)
+    assert_same_state(restored, state)
     assert extra == {"data": {"seed": 0, "epoch": 0, "index": 8}}
     for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target), strict=True):
         assert leaf.sharding == want.sharding
@@ -138,7 +131,7 @@ def test_corruption_is_detected_and_fallback_restores_the_previous_step(tmp_path
             ckpt.restore(target)
         restored, _ = ckpt.restore(target, fallback=True)
     assert int(restored.step) == int(state.step)
-    _assert_equal(restored, state)
+    assert_same_state(restored, state)
 
 
 def test_typed_errors(tmp_path):
@@ -183,7 +176,7 @@ def test_indivisible_target_is_named_or_replicated(tmp_path, devices):
         with pytest.raises(C.IncompatibleLayoutError, match=r"step 1, leaf w: dimension 0 of"):
             ckpt.restore(target)
         restored, _ = ckpt.restore(target, on_indivisible="replicate")
-    _assert_equal(restored, state)
+    assert_same_state(restored, state)
     assert restored["w"].sharding.spec == jax.sharding.PartitionSpec(None)  # the fallback
     assert restored["b"].sharding == split  # divisible leaves keep the target's sharding
 

@@ -31,6 +31,7 @@ from jaxlib_ext import checkpoint as C
 from jaxlib_ext import train
 from jaxlib_ext.model import LanguageModel, LMConfig
 from parallel.mesh import make_mesh
+from tests.jaxlib_ext.states import assert_same_state, is_key
 from tests.multiprocess import REPO_ROOT
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax 0.12 writes step S into S.orbax-checkpoint-tmp first
@@ -62,18 +63,6 @@ def _abstract(state):
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-
-
-def _is_key(x) -> bool:
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _assert_equal(a, b):
-    plain = lambda x: np.asarray(jax.random.key_data(x) if _is_key(x) else x)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(plain(x), plain(y))
 
 
 def _listing(directory: Path) -> list[str]:
@@ -207,7 +196,7 @@ def test_kill_9_during_async_save_keeps_the_previous_step(killed_save, tmp_path,
         assert ckpt.steps() == [1]
         assert ckpt.latest_step() == 1
         restored, extra = ckpt.restore(_abstract(expected))
-    _assert_equal(restored, expected)
+    assert_same_state(restored, expected)
     assert extra is None
 
 
@@ -230,10 +219,10 @@ def test_leftovers_of_a_killed_save_do_not_break_saving_that_step_again(
     assert _listing(directory) == ["1", "2"], "the leftovers are gone"
     with C.Checkpointer(directory) as ckpt:
         restored, extra = ckpt.restore(_abstract(again))
-        _assert_equal(restored, again)
+        assert_same_state(restored, again)
         assert extra == {"try": 2}
         first = step1_state(mesh)
-        _assert_equal(ckpt.restore(_abstract(first), step=1)[0], first)
+        assert_same_state(ckpt.restore(_abstract(first), step=1)[0], first)
 
 
 def test_leftovers_appearing_under_an_open_checkpointer_do_not_break_the_save(tmp_path):
@@ -249,7 +238,7 @@ def test_leftovers_appearing_under_an_open_checkpointer_do_not_break_the_save(tm
         ckpt.save(3, state)
         ckpt.wait()
         assert ckpt.steps() == [1, 3]
-        _assert_equal(ckpt.restore(_abstract(state))[0], state)
+        assert_same_state(ckpt.restore(_abstract(state))[0], state)
     assert _listing(tmp_path) == ["1", "3"]
 
 
@@ -349,8 +338,8 @@ def test_an_error_of_the_background_write_is_raised_by_the_next_call(
         ckpt.save(5, _small(5))
         ckpt.wait()
         assert ckpt.steps() == [3, 5]
-        _assert_equal(ckpt.restore(_abstract(_small(3)), step=3)[0], _small(3))
-        _assert_equal(ckpt.restore(_abstract(_small(5)))[0], _small(5))
+        assert_same_state(ckpt.restore(_abstract(_small(3)), step=3)[0], _small(3))
+        assert_same_state(ckpt.restore(_abstract(_small(5)))[0], _small(5))
     assert _listing(tmp_path) == ["3", "5"]
 
 
@@ -370,7 +359,7 @@ def test_a_failed_save_deletes_no_older_step_and_the_list_stays_true(
         ckpt.wait()
         assert _listing(tmp_path) == ["3"], "a failed save must not delete the last good step"
         assert ckpt.steps() == [3] and ckpt.latest_step() == 3
-        _assert_equal(ckpt.restore(_abstract(_small(3)))[0], _small(3))
+        assert_same_state(ckpt.restore(_abstract(_small(3)))[0], _small(3))
         ckpt.save(5, _small(5))
         ckpt.wait()
         assert ckpt.steps() == [5]
@@ -416,7 +405,7 @@ class _Run:
 def _max_relative_difference(a, b) -> float:
     worst = 0.0
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        if _is_key(x):
+        if is_key(x):
             np.testing.assert_array_equal(jax.random.key_data(x), jax.random.key_data(y))
             continue
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -447,7 +436,7 @@ def test_resume_continues_exactly_on_the_same_mesh_and_closely_on_another(
     assert int(restored.step) == N and extra == {"next_batch": N}
     resumed, losses = home.steps(restored, extra["next_batch"], K)
     assert losses == all_losses[N:], "same mesh: the losses continue bit-exactly"
-    _assert_equal(resumed, uninterrupted)
+    assert_same_state(resumed, uninterrupted)
 
     # Another mesh reduces in another order, so the result is equal only up to float32 rounding.
     # Measured: about 1e-7 relative on the losses and 1e-6 of each leaf's largest value on the
