@@ -88,3 +88,36 @@ def reference_lm_setup(args) -> tuple:
         data.load_corpus(max_bytes=4 << 20), batch_size=args.batch_size, seq_len=args.seq_len
     )
     return mesh, lm, batches, train.batch_sharding(mesh, global_batch=args.batch_size)
+
+
+def train_run(lm, tx, mesh, batches, batch_sharding, *, steps: int, seed: int) -> dict:
+    """``steps`` train steps of ``lm`` with ``tx`` from the seed's initialization over the seed's
+    data order, as the experiments compare optimizers (same init, same batches for each).
+
+    Returns:
+      ``{"step": the jitted step, "state": the final state, "losses": [...], "grad_norms":
+      [...], "wall_seconds": s}``.
+    """
+    import time
+
+    from jaxlib_ext import train
+
+    shardings = train.train_state_shardings(lm, tx, mesh)
+    step = train.make_train_step(train.lm_loss(lm), tx, shardings, batch_sharding)
+    state = train.init_train_state(lm, tx, shardings, seed=seed)
+    data_state = batches.initial_state(seed)
+    losses, grad_norms = [], []
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch, data_state = batches.batch(data_state)
+        state, metrics = step(state, train.shard_batch(batch, batch_sharding))
+        losses.append(float(metrics["loss"]))
+        grad_norms.append(float(metrics["grad_norm"]))
+    wall = time.perf_counter() - start
+    return {
+        "step": step,
+        "state": state,
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "wall_seconds": wall,
+    }

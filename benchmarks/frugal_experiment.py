@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -43,7 +42,13 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, reference_lm_setup, use_cpu_devices, write_json
+from benchmarks.common import (
+    machine,
+    reference_lm_setup,
+    train_run,
+    use_cpu_devices,
+    write_json,
+)
 
 QUICK = {"steps": 40, "d_model": 64, "layers": 2, "seq_len": 64}
 
@@ -218,20 +223,11 @@ def main(argv=None) -> None:
     )
 
     results = {}
+    first_batch = train.shard_batch(batches.batch(batches.initial_state(args.seed))[0], bsh)
     for name, (label, tx) in txs.items():
-        shardings = train.train_state_shardings(lm, tx, mesh)
-        step = train.make_train_step(train.lm_loss(lm), tx, shardings, bsh)
-        state = train.init_train_state(lm, tx, shardings, seed=args.seed)  # same init
-        data_state = batches.initial_state(args.seed)  # same data order
-        batch, _ = batches.batch(data_state)
-        memory = costs.analyze(step, state, train.shard_batch(batch, bsh)).memory
-        losses = []
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            batch, data_state = batches.batch(data_state)
-            state, metrics = step(state, train.shard_batch(batch, bsh))
-            losses.append(float(metrics["loss"]))
-        wall = time.perf_counter() - start
+        run = train_run(lm, tx, mesh, batches, bsh, steps=args.steps, seed=args.seed)
+        state, losses, wall = run["state"], run["losses"], run["wall_seconds"]
+        memory = costs.analyze(run["step"], state, first_batch).memory  # compiled, not run
         results[name] = {
             "label": label,
             "losses": losses,

@@ -119,7 +119,23 @@ def optimizers(frugal_gap: int = 200) -> dict[str, dict[str, Callable[[], object
     }
 
 
-class JaxRunner:
+class Runner:
+    """Runs one optimizer's steps; subclasses define ``run(steps)`` and ``free()``."""
+
+    def run(self, steps: int) -> None:
+        raise NotImplementedError
+
+    def timed(self, steps: int) -> float:
+        """Seconds per step of ``steps`` steps (one round)."""
+        (t,) = time_calls(lambda: self.run(steps), repeats=1, warmup=0)
+        return t / steps
+
+    def extra(self) -> dict:
+        """Runner-specific fields of the result row."""
+        return {}
+
+
+class JaxRunner(Runner):
     """One optimizer's donated step, with its own params and state."""
 
     def __init__(self, tx, make_params, grads):
@@ -154,15 +170,6 @@ class JaxRunner:
         for _ in range(steps):
             self.params, self.state = self.step(self.params, self.state, self.grads)
         jax.block_until_ready((self.params, self.state))
-
-    def timed(self, steps: int) -> float:
-        """Seconds per step of ``steps`` steps (one round)."""
-        (t,) = time_calls(lambda: self.run(steps), repeats=1, warmup=0)
-        return t / steps
-
-    def extra(self) -> dict:
-        """Runner-specific fields of the result row."""
-        return {}
 
     def free(self) -> None:
         import jax
@@ -237,7 +244,7 @@ class FrugalRunner(JaxRunner):
         }
 
 
-class TorchRunner:
+class TorchRunner(Runner):
     """A pytorch_optimizer optimizer over torch tensors of the same shapes."""
 
     def __init__(self, cls, shapes: dict[str, tuple[int, ...]]):
@@ -264,13 +271,6 @@ class TorchRunner:
     def run(self, steps: int) -> None:
         for _ in range(steps):
             self.opt.step()
-
-    def timed(self, steps: int) -> float:
-        (t,) = time_calls(lambda: self.run(steps), repeats=1, warmup=0)
-        return t / steps
-
-    def extra(self) -> dict:
-        return {}
 
     def free(self) -> None:
         self.opt = self.params = None

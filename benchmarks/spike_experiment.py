@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,7 +33,13 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, reference_lm_setup, use_cpu_devices, write_json
+from benchmarks.common import (
+    machine,
+    reference_lm_setup,
+    train_run,
+    use_cpu_devices,
+    write_json,
+)
 
 QUICK = {"steps": 40, "d_model": 64, "layers": 2, "seq_len": 64}
 
@@ -177,7 +182,6 @@ def main(argv=None) -> None:
     use_cpu_devices(args.devices)  # before anything starts JAX's backend
 
     import optim
-    from jaxlib_ext import train
 
     mesh, lm, batches, bsh = reference_lm_setup(args)
 
@@ -213,22 +217,12 @@ def main(argv=None) -> None:
     }
     results = {}
     for name, (label, tx) in runs.items():
-        shardings = train.train_state_shardings(lm, tx, mesh)
-        step = train.make_train_step(train.lm_loss(lm), tx, shardings, bsh)
-        state = train.init_train_state(lm, tx, shardings, seed=args.seed)  # same init
-        data_state = batches.initial_state(args.seed)  # same data order
-        losses, grad_norms = [], []
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            batch, data_state = batches.batch(data_state)
-            state, metrics = step(state, train.shard_batch(batch, bsh))
-            losses.append(float(metrics["loss"]))
-            grad_norms.append(float(metrics["grad_norm"]))
-        wall = time.perf_counter() - start
+        run = train_run(lm, tx, mesh, batches, bsh, steps=args.steps, seed=args.seed)
+        losses, wall = run["losses"], run["wall_seconds"]
         results[name] = {
             "label": label,
             "losses": losses,
-            "grad_norms": grad_norms,
+            "grad_norms": run["grad_norms"],
             "wall_seconds": wall,
             **summarize(losses, min(args.spike_steps)),
         }
