@@ -20,13 +20,16 @@ written and the command exits with status 0; ``--resume`` then continues from st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DEFAULTS = {"steps": 600, "devices": 8, "optimizer": "adamw", "seed": 0, "out": "demo_out"}
 
@@ -88,8 +91,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="continue from the latest checkpoint in --checkpoint-dir (any --devices)",
     )
+    g = p.add_argument_group(
+        "replicas (DiLoCo / Streaming DiLoCo)",
+        "M replicas on a leading 'replica' mesh axis, each data x fsdp over devices/M devices; "
+        "bytes crossing the replica axis are reported as bytes_exchanged",
+    )
+    g.add_argument("--replicas", type=int, default=None, help="replicas M (default 2 with --sync)")
+    g.add_argument(
+        "--sync",
+        choices=("ddp", "diloco", "streaming"),
+        default=None,
+        help="ddp: average gradients every step; diloco: outer step every H steps; streaming: "
+        "P fragments in turn, with overlap and low-bit exchange (default diloco with --replicas)",
+    )
+    g.add_argument("--sync-every", type=int, default=50, help="H: inner steps per outer step")
+    g.add_argument(
+        "--fragments", type=int, default=None, help="P (streaming; default 2, diloco: 1)"
+    )
+    g.add_argument("--overlap", type=int, default=0, help="tau: steps from send to apply")
+    g.add_argument(
+        "--alpha", type=float, default=None, help="merge factor (default 0.5 if tau > 0 else 0)"
+    )
+    g.add_argument(
+        "--exchange-dtype",
+        choices=("fp32", "bf16", "int8", "e3m0"),
+        default="fp32",
+        help="what crosses the replica axis (e3m0: 4-bit)",
+    )
+    g.add_argument("--outer-lr", type=float, default=0.7, help="outer Nesterov SGD lr")
+    g.add_argument("--outer-momentum", type=float, default=0.9, help="outer momentum")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.replicas is not None or args.sync is not None:
+        args.sync = args.sync or "diloco"
+        args.replicas = 2 if args.replicas is None else args.replicas
+        if args.fragments is None:
+            args.fragments = 2 if args.sync == "streaming" else 1
+        if args.alpha is None:
+            args.alpha = 0.5 if args.overlap else 0.0
+        if args.sync == "diloco" and (args.fragments != 1 or args.overlap):
+            p.error("--sync diloco has one fragment and no overlap; use --sync streaming")
     if (args.resume or args.checkpoint_every) and not args.checkpoint_dir:
         p.error("--resume and --checkpoint-every need --checkpoint-dir")
     minimum = {
@@ -154,17 +195,24 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def _plot(losses: list[float], path: Path, title: str) -> None:
+def _plot(losses: list[float], path: Path, title: str, exchanged=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(range(1, len(losses) + 1), losses, lw=1, label="training loss")
     ax.axhline(math.log(256), color="gray", ls="--", lw=1, label="uniform over bytes (ln 256)")
     ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title=title)
-    ax.legend()
+    ax.legend(loc="upper center")
+    if exchanged is not None:
+        other = ax.twinx()
+        total = np.cumsum(exchanged) / 2**20
+        other.plot(range(1, len(total) + 1), total, color="C1", lw=1)
+        other.set_ylabel("bytes exchanged across replicas, per device (MiB, cumulative)")
+        other.yaxis.label.set_color("C1")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -193,13 +241,19 @@ def _setup(args: argparse.Namespace):
 
     import optax
 
-    from jaxlib_ext import data, train
+    from jaxlib_ext import data
     from jaxlib_ext.model import LanguageModel, LMConfig
     from jaxlib_ext.optimizers import make_optimizer
     from parallel.mesh import make_mesh
     from parallel.rules import activation_constraint
 
-    mesh = make_mesh(_mesh_axes(args.devices, args.fsdp), devices=devices)
+    replicas = args.replicas or 1
+    if args.devices % replicas:
+        raise ValueError(f"--replicas {replicas} must divide --devices {args.devices}")
+    axes = _mesh_axes(args.devices // replicas, args.fsdp)
+    if args.sync:
+        axes = {"replica": replicas, **axes}
+    mesh = make_mesh(axes, devices=devices)
     config = LMConfig(
         d_model=args.d_model,
         num_layers=args.layers,
@@ -222,9 +276,74 @@ def _setup(args: argparse.Namespace):
     tx = make_optimizer(args.optimizer, schedule, **extra)
     corpus = data.load_corpus(args.data)
     batches = data.TokenBatches(corpus, batch_size=args.batch_size, seq_len=args.seq_len)
+    if args.sync:
+        run = _diloco_run(args, model, tx, mesh)
+    else:
+        run = _plain_run(args, model, tx, mesh)
+    return mesh, config, model, batches, run
+
+
+@dataclasses.dataclass
+class _Run:
+    """How to build, restore and step a state, whatever the training scheme."""
+
+    init: Callable[[], Any]
+    restore: Callable[[Any], tuple[Any, dict]]
+    step: Callable[[Any, Any], tuple[Any, dict]]
+    shard: Callable[[Any], Any]
+    bytes_at: Callable[[int], float] | None
+    describe: list[tuple[str, str]]
+
+
+def _plain_run(args, model, tx, mesh) -> _Run:
+    from jaxlib_ext import train
+
     shardings = train.train_state_shardings(model, tx, mesh)
     batch_sharding = train.batch_sharding(mesh, global_batch=args.batch_size)
-    return mesh, config, model, tx, batches, shardings, batch_sharding
+    return _Run(
+        init=lambda: train.init_train_state(model, tx, shardings, seed=args.seed),
+        restore=lambda ckpt: ckpt.restore(
+            train.abstract_train_state(model, tx, shardings), fallback=True
+        ),
+        step=train.make_train_step(train.lm_loss(model), tx, shardings, batch_sharding),
+        shard=lambda batch: train.shard_batch(batch, batch_sharding),
+        bytes_at=None,
+        describe=[],
+    )
+
+
+def _diloco_run(args, model, tx, mesh) -> _Run:
+    from jaxlib_ext.diloco_train import DilocoSetup
+    from parallel.diloco import DilocoConfig, outer_optimizer
+
+    config = DilocoConfig(
+        replicas=args.replicas,
+        sync_every=args.sync_every,
+        fragments=args.fragments,
+        overlap=args.overlap,
+        alpha=args.alpha,
+        exchange_dtype=args.exchange_dtype,
+        sync="ddp" if args.sync == "ddp" else "diloco",
+    )
+    outer = outer_optimizer(args.outer_lr, args.outer_momentum)
+    setup = DilocoSetup.create(model, tx, outer, config, mesh)
+    setup.batch_sharding(args.batch_size)  # checks that the batch splits over the replicas
+    if args.sync == "ddp":
+        scheme = f"ddp over {args.replicas} replicas, {args.exchange_dtype} gradients"
+    else:
+        scheme = (
+            f"{args.sync}: H={args.sync_every}, P={args.fragments}, tau={args.overlap}, "
+            f"alpha={args.alpha}, {args.exchange_dtype}, outer lr {args.outer_lr} "
+            f"momentum {args.outer_momentum}"
+        )
+    return _Run(
+        init=lambda: setup.init(seed=args.seed),
+        restore=lambda ckpt: setup.restore(ckpt, fallback=True),
+        step=setup.step(),
+        shard=setup.shard_batch,
+        bytes_at=setup.bytes_at,
+        describe=[("sync", scheme)],
+    )
 
 
 class _StopOnSigterm:
@@ -251,21 +370,20 @@ class _StopOnSigterm:
             self._previous = None
 
 
-def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) -> dict:
+def _train(args, mesh, config, model, batches, run: _Run) -> dict:
     import jax
     import numpy as np
     from tqdm import tqdm
 
-    from jaxlib_ext import costs, data, train
+    from jaxlib_ext import costs, data
     from jaxlib_ext.checkpoint import Checkpointer, CheckpointError
     from parallel.rules import DEFAULT_RULES
 
     ckpt = Checkpointer(args.checkpoint_dir) if args.checkpoint_dir else None
     start_step, data_state = 0, batches.initial_state(args.seed)
     if args.resume:
-        target = train.abstract_train_state(model, tx, shardings)
         try:
-            state, extra = ckpt.restore(target, fallback=True)
+            state, extra = run.restore(ckpt)
         except CheckpointError as err:
             raise UsageError(f"cannot resume from {args.checkpoint_dir}: {err}") from err
         data_state = data.DataState.from_dict(extra["data"])
@@ -276,17 +394,19 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
                 f"{args.steps}: nothing to train"
             )
     else:
-        state = train.init_train_state(model, tx, shardings, seed=args.seed)
-    step_fn = train.make_train_step(train.lm_loss(model), tx, shardings, batch_sharding)
+        state = run.init()
+    step_fn = run.step
 
     def save(step: int) -> None:
         ckpt.save(step, state, extra={"data": data_state.to_dict()}, rules=DEFAULT_RULES)
 
     first, _ = batches.batch(batches.initial_state(args.seed))
-    report = costs.analyze(step_fn, state, train.shard_batch(first, batch_sharding))
+    report = costs.analyze(step_fn, state, run.shard(first))
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
 
     history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "tokens_per_sec": []}
+    if run.bytes_at is not None:
+        history["bytes_exchanged"] = []
     start = time.perf_counter()
     done = start_step
     # SIGTERM: finish the step in progress, save it (committed before the message), exit 0.
@@ -301,12 +421,15 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
         for step in bar:
             tick = time.perf_counter()
             batch, data_state = batches.batch(data_state)
-            state, metrics = step_fn(state, train.shard_batch(batch, batch_sharding))
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            state, metrics = step_fn(state, run.shard(batch))
+            loss = float(metrics["loss"])
+            grad_norm = float(metrics.get("grad_norm", math.nan))
             elapsed = time.perf_counter() - tick
             history["losses"].append(loss)
             history["grad_norms"].append(grad_norm)
-            history["tokens_per_sec"].append(int(metrics["tokens"]) / elapsed)
+            history["tokens_per_sec"].append(args.batch_size * args.seq_len / elapsed)
+            if run.bytes_at is not None:
+                history["bytes_exchanged"].append(run.bytes_at(step + 1))
             bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{grad_norm:.2f}")
             done = step + 1
             if ckpt is not None and args.checkpoint_every and done % args.checkpoint_every == 0:
@@ -339,8 +462,13 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
         "mesh": dict(mesh.shape),
         "step_cost": report.summary(),
     }
+    if run.bytes_at is not None:
+        exchanged = history["bytes_exchanged"]
+        summary["bytes_exchanged_total"] = float(sum(exchanged))
+        summary["bytes_exchanged_peak_step"] = float(max(exchanged))
     rows = [
         ("optimizer", args.optimizer),
+        *run.describe,
         ("mesh", " x ".join(f"{k}={v}" for k, v in mesh.shape.items())),
         ("parameters", f"{model.num_params():,}"),
         ("optimizer state", costs.format_bytes(opt_bytes)),
@@ -349,6 +477,18 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
         ("mean of last 20", f"{summary['mean_loss_last_20']:.3f} (uniform: {math.log(256):.3f})"),
         ("tokens / s (median)", f"{summary['tokens_per_sec_median']:,.0f}"),
         ("peak memory / device", costs.format_bytes(report.memory.peak_bytes)),
+        *(
+            [
+                (
+                    "exchanged / device",
+                    f"{costs.format_bytes(summary['bytes_exchanged_total'])} in total, "
+                    f"{costs.format_bytes(summary['bytes_exchanged_peak_step'])} at peak "
+                    "(across replicas)",
+                )
+            ]
+            if run.bytes_at is not None
+            else []
+        ),
         ("collectives / step", ""),
     ]
     print("\nSummary\n" + _table(rows))
@@ -370,6 +510,7 @@ def _train(args, mesh, config, model, tx, batches, shardings, batch_sharding) ->
         losses,
         out / "loss.png",
         f"{args.optimizer}, {model.num_params():,} params, mesh {dict(mesh.shape)}",
+        history.get("bytes_exchanged"),
     )
     print(f"\nwrote {out / 'metrics.json'} and {out / 'loss.png'}")
     return record
