@@ -148,6 +148,7 @@ def run_scheme(name, replicas, seed, args, corpus):
     return {
         "scheme": name,
         "replicas": replicas,
+        "devices": args.devices,
         "seed": seed,
         "config": {
             k: getattr(config, k)
@@ -170,22 +171,24 @@ def run_scheme(name, replicas, seed, args, corpus):
 
 def projection(results, bandwidths_gbit=(0.1, 1, 10, 100, 400)):
     """Compute utilization = compute / (compute + exposed communication), per scheme, from the
-    measured per-step compute time and the measured bytes crossing the replicas. Assumptions:
-    every cross-replica byte goes over one link of the given bandwidth; data parallel's gradient
-    all-reduce is exposed (not overlapped with the backward pass), DiLoCo's sync is exposed every
-    H steps, Streaming DiLoCo with overlap tau hides up to tau steps of compute behind each
-    fragment's exchange."""
+    measured per-step compute time and the bytes crossing the replicas. Assumptions: a
+    replica's devices share one link of the given bandwidth to the other replicas, so a
+    replica sends (per-device bytes) x (devices per replica); data parallel's gradient
+    all-reduce is exposed (not overlapped with the backward pass); DiLoCo's sync is exposed
+    once every H steps; Streaming DiLoCo with overlap tau hides up to tau steps of compute
+    behind each fragment's exchange (the asynchronous-dispatch setting; see README)."""
     table = {}
     for r in results:
         step_s = r["step_seconds_median"]
         cfg = r["config"]
+        per_replica = r["devices"] // r["replicas"]
         row = {}
         for gbit in bandwidths_gbit:
             rate = gbit * 1e9 / 8
             if cfg["sync"] == "ddp":
-                exposed = r["bytes_average_step_hlo"] / rate
+                exposed = r["bytes_average_step_hlo"] * per_replica / rate
             else:
-                per_sync = max(r["bytes_per_sync_formula"]) / rate
+                per_sync = max(r["bytes_per_sync_formula"]) * per_replica / rate
                 exposed_sync = max(0.0, per_sync - cfg["overlap"] * step_s)
                 exposed = exposed_sync / (cfg["sync_every"] // cfg["fragments"])
             row[f"{gbit:g} Gbit/s"] = step_s / (step_s + exposed)

@@ -142,7 +142,8 @@ def quantize(x: jax.Array, fmt: str, *, block_size: int = 256) -> Quantized:
     mantissa, exponent = jnp.frexp(ratio)  # ratio = mantissa * 2**exponent, mantissa in [.5, 1)
     power = exponent - 1 + (mantissa >= 0.75).astype(exponent.dtype)  # nearest 2**power
     code = jnp.where(ratio >= 2.0**-7, jnp.clip(power + 7, 1, 7), 0).astype(jnp.uint8)
-    code = (code | jnp.where(negative, 8, 0).astype(jnp.uint8)).reshape(x.shape)
+    sign = jnp.where(negative & (code > 0), 8, 0).astype(jnp.uint8)  # zero is always code 0
+    code = (code | sign).reshape(x.shape)
     pairs = code.reshape(*x.shape[:-1], -1, 2)
     packed = pairs[..., 0] | (pairs[..., 1] << jnp.uint8(4))
     return Quantized(packed, scale.astype(jnp.float32))
@@ -169,7 +170,8 @@ def dequantize(
     low, high = q.payload & jnp.uint8(15), q.payload >> jnp.uint8(4)
     code = jnp.stack([low, high], axis=-1).reshape(*q.payload.shape[:-1], -1)
     exponent = (code & jnp.uint8(7)).astype(jnp.int32)
-    magnitude = jnp.where(exponent == 0, 0, jnp.exp2((exponent - 7).astype(dtype)))
+    table = jnp.asarray([0.0] + [2.0 ** (e - 7) for e in range(1, 8)], dtype)  # exact powers
+    magnitude = table[exponent]
     signed = jnp.where(code >= 8, -magnitude, magnitude).astype(dtype)
     blocks = signed.reshape(*signed.shape[:-1], -1, block_size)
     return (blocks * scale).reshape(signed.shape)
