@@ -240,3 +240,66 @@ def test_sigterm_without_checkpoints_stops_after_the_current_step(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["stopped_by_sigterm"] and metrics["end_step"] == int(found[1]) >= 1
     assert len(metrics["losses"]) == metrics["end_step"]
+
+
+def test_streaming_diloco_reports_bytes_exchanged_and_resumes_elastically(tmp_path):
+    """--sync streaming: bytes cross the replicas only at the fragments' syncs (exactly the
+    formula), the summary and plot show them; a checkpoint resumes with another --replicas."""
+    flags = [*TINY]
+    flags[flags.index("--steps") + 1] = "16"
+    streaming = [
+        "--replicas", "2", "--sync", "streaming", "--sync-every", "8", "--fragments", "2",
+        "--overlap", "1", "--exchange-dtype", "e3m0", "--outer-lr", "0.4",
+    ]  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    done = _demo(*flags, *streaming, "--out", str(tmp_path / "s"), "--checkpoint-dir", str(ckpt))
+    assert done.returncode == 0, done.stderr
+    assert "exchanged / device" in done.stdout and "streaming: H=8, P=2, tau=1" in done.stdout
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    exchanged = metrics["bytes_exchanged"]
+    assert len(exchanged) == 16 and all(math.isfinite(x) for x in metrics["losses"])
+    synced = [i + 1 for i, b in enumerate(exchanged) if b]
+    assert synced == [4, 8, 12, 16]  # one fragment every H / P = 4 steps
+    assert exchanged[3] == exchanged[11] and exchanged[7] == exchanged[15]
+    assert metrics["summary"]["bytes_exchanged_total"] == sum(exchanged)
+    assert metrics["summary"]["mesh"] == {"replica": 2, "data": 2, "fsdp": 2}
+    assert (tmp_path / "s" / "loss.png").stat().st_size > 10_000
+
+    more = [*flags]
+    more[more.index("--steps") + 1] = "20"
+    more[more.index("--devices") + 1] = "4"
+    four = [*streaming]
+    four[four.index("--replicas") + 1] = "4"
+    resumed = _demo(
+        *more, *four, "--out", str(tmp_path / "r"), "--checkpoint-dir", str(ckpt), "--resume"
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    record = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert record["start_step"] == 16 and len(record["losses"]) == 4
+    assert record["summary"]["mesh"] == {"replica": 4, "data": 1, "fsdp": 1}
+
+
+def test_data_parallel_across_replicas_moves_bytes_every_step(tmp_path):
+    flags = [*TINY]
+    flags[flags.index("--steps") + 1] = "6"
+    done = _demo(*flags, "--replicas", "2", "--sync", "ddp", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    exchanged = json.loads((tmp_path / "metrics.json").read_text())["bytes_exchanged"]
+    assert len(exchanged) == 6 and len(set(exchanged)) == 1 and exchanged[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sync", "diloco", "--fragments", "2"], "--sync diloco has one fragment"),
+        (["--sync", "streaming", "--sync-every", "10", "--fragments", "3"], "sync_every=10"),
+        (["--sync", "streaming", "--sync-every", "8", "--overlap", "4"], "overlap=4"),
+        (["--replicas", "3"], "--replicas 3 must divide --devices 8"),
+        (["--sync", "streaming", "--alpha", "2"], "alpha=2.0"),
+    ],
+)
+def test_bad_replica_flags_are_one_clear_error(tmp_path, flags, message):
+    done = _demo(*flags, "--out", str(tmp_path), timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert re.search(message, done.stderr), done.stderr
