@@ -44,6 +44,7 @@ optimizer applies the mean, so the replicas stay identical.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -286,18 +287,27 @@ def _spec_axes(spec: PartitionSpec) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _exchange_fn(config: DilocoConfig, mesh: Mesh, specs: list[PartitionSpec]):
-    """``(globals, locals) -> (mean outer gradients, per-replica divergence [M], finite)`` for
-    arrays sharded as ``specs`` (locals stacked ``[M, ...]``), as a ``shard_map`` over every
-    mesh axis. Only the exchange crosses the replica axis; the divergence and the finiteness
-    flag are reduced over the axes inside a replica."""
+def outer_gradients(f: Fragment, global_leaves: list, local_leaves: list) -> list[jax.Array]:
+    """Every replica's outer gradient of fragment ``f``: ``theta_global - theta_m``, stacked
+    ``[M, ...]`` in the global copy's dtype (local: no communication)."""
+    return [
+        g[None] - x.astype(g.dtype)
+        for g, x in zip(f.take(global_leaves), f.take(local_leaves, axis=1), strict=True)
+    ]
+
+
+def make_exchange(config: DilocoConfig, mesh: Mesh, specs: list[PartitionSpec]):
+    """``outer gradients [M, ...] -> (their mean over replicas, divergence [M], finite)`` for
+    arrays sharded as ``specs`` inside a replica, as a ``shard_map`` over every mesh axis.
+
+    The mean is :func:`parallel.exchange.replica_mean` in ``config.exchange_dtype``: the only
+    bytes that cross the replica axis. The divergence (each replica's ``||Delta_m||``) and the
+    finiteness flag of the mean are reduced over the axes inside a replica."""
     axis = config.replica_axis
     local_specs = [PartitionSpec(axis, *s) for s in specs]
 
-    def body(global_pieces, local_pieces):
-        deltas = [
-            g - x[0].astype(g.dtype) for g, x in zip(global_pieces, local_pieces, strict=True)
-        ]
+    def body(stacked):
+        deltas = [x[0] for x in stacked]
         mean = replica_mean(
             deltas,
             axis_name=axis,
@@ -320,13 +330,50 @@ def _exchange_fn(config: DilocoConfig, mesh: Mesh, specs: list[PartitionSpec]):
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(specs, local_specs),
+        in_specs=(local_specs,),
         out_specs=(specs, PartitionSpec(axis), PartitionSpec()),
     )
 
 
-def _inner_fn(loss_fn, inner_tx, axis):
-    def one(params, opt_state, batch, grads=None):
+def apply_outer_step(
+    outer_tx: optax.GradientTransformation,
+    alpha: float,
+    f: Fragment,
+    global_leaves: list,
+    local_leaves: list,
+    outer_states: tuple,
+    mean: list,
+    finite: jax.Array,
+    skipped: jax.Array,
+):
+    """The second half of a fragment's sync: the outer step on the global copy and the merge
+    ``theta_m <- alpha theta_m + (1 - alpha) theta_global`` into every replica; when ``mean`` is
+    not ``finite``, the global copy and outer state are kept, the replicas reset to the global
+    copy and ``skipped`` counts it. Returns ``(global_leaves, local_leaves, outer_states,
+    skipped)``."""
+    g = f.take(global_leaves)
+    local = f.take(local_leaves, axis=1)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, new_outer = outer_tx.update(mean, outer_states[f.index], g)
+    new_g = optax.apply_updates(g, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_g = jax.tree.map(keep, new_g, g)
+    new_outer = jax.tree.map(keep, new_outer, outer_states[f.index])
+    merged = []
+    for x, ng in zip(local, new_g, strict=True):
+        a = jnp.asarray(alpha, ng.dtype)
+        mix = a * x.astype(ng.dtype) + (1 - a) * ng[None]
+        merged.append(jnp.where(finite, mix, ng[None]).astype(x.dtype))
+    outer_states = (*outer_states[: f.index], new_outer, *outer_states[f.index + 1 :])
+    skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
+    return f.put(global_leaves, new_g), f.put(local_leaves, merged, axis=1), outer_states, skipped
+
+
+def replica_steps(loss_fn, inner_tx, axis: str):
+    """``(grads_fn, update_fn)``: every replica's loss and gradients, and its inner optimizer
+    update, as ``vmap``s over the leading replica axis (laid on mesh axis ``axis``)."""
+
+    def one(params, batch):
         (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         return loss, extra, grads
 
@@ -377,7 +424,7 @@ def make_diloco_step(
         )
     mesh = batch_sharding.mesh
     axis, m = config.replica_axis, config.replicas
-    grads_fn, update_fn = _inner_fn(loss_fn, inner_tx, axis)
+    grads_fn, update_fn = replica_steps(loss_fn, inner_tx, axis)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_specs = [PartitionSpec(*s.spec[1:]) for s in jax.tree.leaves(shardings.params)]
 
@@ -393,7 +440,7 @@ def make_diloco_step(
         exchange = _grad_exchange_fn(config, mesh, param_specs)
 
         def ddp_step(state: DilocoState, batch: jax.Array):
-            loss, extra, grads = grads_fn(state.params, state.opt_state, batch)
+            loss, extra, grads = grads_fn(state.params, batch)
             leaves, treedef = jax.tree.flatten(grads)
             mean = exchange(leaves)
             grads = treedef.unflatten(
@@ -416,26 +463,9 @@ def make_diloco_step(
 
     period, tau, alpha = config.period, config.overlap, config.alpha
     exchanges = [
-        _exchange_fn(config, mesh, [param_specs[p.leaf] for p in f.pieces]) for f in fragments
+        make_exchange(config, mesh, [param_specs[p.leaf] for p in f.pieces]) for f in fragments
     ]
-
-    def apply_fragment(f: Fragment, g_leaves, l_leaves, outer, deltas, finite, skipped):
-        g = f.take(g_leaves)
-        local = f.take(l_leaves, axis=1)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, new_outer = outer_tx.update(deltas, outer[f.index], g)
-        new_g = optax.apply_updates(g, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)
-        new_g = jax.tree.map(keep, new_g, g)
-        new_outer = jax.tree.map(keep, new_outer, outer[f.index])
-        merged = []
-        for x, ng in zip(local, new_g, strict=True):
-            a = jnp.asarray(alpha, ng.dtype)
-            mix = a * x.astype(ng.dtype) + (1 - a) * ng[None]
-            merged.append(jnp.where(finite, mix, ng[None]).astype(x.dtype))
-        outer = (*outer[: f.index], new_outer, *outer[f.index + 1 :])
-        skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
-        return f.put(g_leaves, new_g), f.put(l_leaves, merged, axis=1), outer, skipped
+    apply_fragment = functools.partial(apply_outer_step, outer_tx, alpha)
 
     def which(t, offset):
         """1 + the fragment due at inner step count ``t - offset``, else 0."""
@@ -444,7 +474,7 @@ def make_diloco_step(
         return jnp.where(due, (s // period - 1) % config.fragments + 1, 0)
 
     def diloco_step(state: DilocoState, batch: jax.Array):
-        loss, extra, grads = grads_fn(state.params, state.opt_state, batch)
+        loss, extra, grads = grads_fn(state.params, batch)
         params, opt_state = update_fn(grads, state.opt_state, state.params)
         t = state.step + 1
         l_leaves, l_def = jax.tree.flatten(params)
@@ -458,7 +488,8 @@ def make_diloco_step(
         def send_branch(f: Fragment):
             def branch(carry):
                 g_leaves, l_leaves, outer, pending, skipped = carry
-                deltas, div, finite = exchanges[f.index](f.take(g_leaves), f.take(l_leaves, axis=1))
+                stacked = outer_gradients(f, g_leaves, l_leaves)
+                deltas, div, finite = exchanges[f.index](stacked)
                 if tau == 0:
                     g_leaves, l_leaves, outer, skipped = apply_fragment(
                         f, g_leaves, l_leaves, outer, deltas, finite, skipped

@@ -338,3 +338,37 @@ def test_only_the_quantized_fragment_crosses_the_replica_axis(mesh, exchange_dty
     assert outside <= 16, "outside the sync branches only the replicas' losses (metrics)"
     peak, average = max(expected), sum(expected) / config.sync_every
     assert peak == max(per_branch.values()) and average == sum(per_branch.values()) / 4
+
+
+@pytest.mark.parametrize(("overlap", "alpha"), [(0, 0.0), (1, 0.5)])
+def test_async_driver_computes_the_one_program_step(mesh, overlap, alpha):
+    from parallel.diloco_async import AsyncStreamingDiloco
+
+    params = toy_params(True)
+    config = diloco.DilocoConfig(
+        replicas=2, sync_every=4, fragments=2, overlap=overlap, alpha=alpha, exchange_dtype="e3m0"
+    )
+    inner, outer = optax.adam(0.01), diloco.outer_optimizer()
+    state, step, batch_sh = build(params, config, inner, outer, mesh)
+    frags = make_fragments(params, 2)
+    sh = diloco.diloco_state_shardings(
+        params, toy_shardings(params, mesh), inner, outer, config, frags, mesh
+    )
+    driver = AsyncStreamingDiloco(quadratic_loss, inner, outer, config, frags, sh, batch_sh)
+    other = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=sh)(state)
+    for b in np.random.default_rng(7).normal(size=(11, 2, 2)):
+        batch = jax.device_put(jnp.asarray(b, jnp.float32), batch_sh)
+        state, m1 = step(state, batch)
+        other, m2 = driver.step(other, batch)
+        assert int(m1["synced_fragment"]) == m2["synced_fragment"]
+        assert int(m1["applied_fragment"]) == m2["applied_fragment"]
+    for name in ("params", "opt_state", "global_params", "outer_opt_state"):
+        for want, got in zip(
+            jax.tree.leaves(getattr(state, name)),
+            jax.tree.leaves(getattr(other, name)),
+            strict=True,
+        ):
+            if overlap:  # the same programs' arithmetic: bit for bit
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+            else:  # the one-program step fuses the exchange with the apply: round-off
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
