@@ -110,6 +110,10 @@ class AsyncStreamingDiloco:
         """``(fragment, mean outer gradients, finite, step to apply at)`` of the exchange in
         flight, or None."""
 
+    def reset(self) -> None:
+        """Forgets the step counter and any exchange in flight (before stepping another state)."""
+        self._t, self.in_flight = None, None
+
     @staticmethod
     def _outer_gradients(f, state):
         return outer_gradients(
