@@ -120,8 +120,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--outer-lr", type=float, default=0.7, help="outer Nesterov SGD lr")
     g.add_argument("--outer-momentum", type=float, default=0.9, help="outer momentum")
+    h = p.add_argument_group(
+        "several processes or hosts",
+        "run the same command on every host with its --process-id; --devices counts all "
+        "processes' devices; process 0 prints and writes the outputs",
+    )
+    h.add_argument("--coordinator", default=None, help="host:port of process 0")
+    h.add_argument("--num-processes", type=int, default=1, help="processes in the run")
+    h.add_argument("--process-id", type=int, default=0, help="this process's index")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.coordinator is None and args.num_processes != 1:
+        p.error("--num-processes needs --coordinator")
+    if not 0 <= args.process_id < args.num_processes:
+        p.error(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
     if args.replicas is not None or args.sync is not None:
         args.sync = args.sync or "diloco"
         args.replicas = 2 if args.replicas is None else args.replicas
@@ -148,10 +160,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _setup_devices(count: int):
+def _setup_devices(count: int, args: argparse.Namespace | None = None):
     import jax
 
-    jax.config.update("jax_num_cpu_devices", max(count, 1))  # CPU only; before the backend starts
+    processes = 1 if args is None else args.num_processes
+    if count % processes:
+        raise ValueError(f"--devices {count} must be divisible by --num-processes {processes}")
+    # CPU only, before the backend starts: this process's share of the simulated devices
+    jax.config.update("jax_num_cpu_devices", max(count // processes, 1))
+    if args is not None and args.coordinator:
+        jax.distributed.initialize(args.coordinator, processes, args.process_id)
     available = jax.devices()
     if count > len(available):
         raise ValueError(
@@ -237,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _setup(args: argparse.Namespace):
-    devices = _setup_devices(args.devices)
+    devices = _setup_devices(args.devices, args)
 
     import optax
 
@@ -415,7 +433,7 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
             range(start_step, args.steps),
             desc="training",
             unit="step",
-            disable=args.no_progress,
+            disable=args.no_progress or args.process_id != 0,
             dynamic_ncols=True,
         )
         for step in bar:
@@ -491,11 +509,6 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
         ),
         ("collectives / step", ""),
     ]
-    print("\nSummary\n" + _table(rows))
-    print(costs.wire_bytes_table(report.wire_bytes()))
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "args": {k: v for k, v in vars(args).items() if k != "parser"},
         "model": vars(config),
@@ -505,6 +518,13 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
         **history,
         "summary": summary,
     }
+    if args.process_id != 0:  # one process reports (they all computed the same figures)
+        return record
+    print("\nSummary\n" + _table(rows))
+    print(costs.wire_bytes_table(report.wire_bytes()))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(record, indent=1))
     _plot(
         losses,

@@ -303,3 +303,50 @@ def test_bad_replica_flags_are_one_clear_error(tmp_path, flags, message):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert re.search(message, done.stderr), done.stderr
+
+
+@pytest.mark.multiprocess
+def test_streaming_demo_across_two_processes_equals_one_process(tmp_path):
+    """One command per host: 2 processes x 4 devices, one replica each, the exchange crossing
+    the processes (jax.distributed over gloo); the losses equal the one-process run's."""
+    from tests.multiprocess import free_port
+
+    flags = [*TINY]
+    flags[flags.index("--steps") + 1] = "8"
+    streaming = ["--replicas", "2", "--sync", "streaming", "--sync-every", "4"]
+    single = _demo(*flags, *streaming, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxlib_ext.demo",
+                *flags,
+                *streaming,
+                "--out",
+                str(tmp_path / "two"),
+                "--coordinator",
+                address,
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    assert "Summary" in outputs[0] and "Summary" not in outputs[1]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    assert two["bytes_exchanged"] == one["bytes_exchanged"]
