@@ -147,8 +147,8 @@ class DilocoState(struct.PyTreeNode):
       global_params: the global copy (one model, ``promote_types(dtype, float32)``); None for
         ``sync="ddp"``.
       outer_opt_state: one outer optimizer state per fragment (over that fragment's arrays).
-      pending: with ``overlap > 0``, per fragment the averaged outer gradient in flight (sent,
-        not applied yet); ``()`` otherwise.
+      pending: with ``overlap > 0``, per fragment ``(averaged outer gradients, finite)`` of
+        the exchange in flight (sent, not applied yet); ``()`` otherwise.
       skipped_syncs: synchronizations skipped for a non-finite outer gradient (int32).
     """
 
@@ -417,6 +417,26 @@ def make_diloco_step(
       applied, -1 if none), ``divergence`` ``[M]`` (each replica's ``||theta_global_p -
       theta_m_p||`` of the exchanged fragment, zeros if none) and ``skipped_syncs``. One
       compilation serves every step.
+
+    Example:
+      >>> from parallel.fragments import make_fragments
+      >>> from parallel.mesh import make_mesh
+      >>> mesh = make_mesh({"replica": 2, "fsdp": 4})
+      >>> params = {"blocks": {i: {"w": jnp.ones(8)} for i in range(2)}}
+      >>> loss = lambda p, b: (sum(jnp.sum((x - b) ** 2) for x in jax.tree.leaves(p)), {})
+      >>> config = DilocoConfig(replicas=2, sync_every=2, fragments=2)
+      >>> frags = make_fragments(params, 2)
+      >>> p_sh = jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec("fsdp")), params)
+      >>> inner, outer = optax.sgd(0.1), outer_optimizer()
+      >>> sh = diloco_state_shardings(params, p_sh, inner, outer, config, frags, mesh)
+      >>> init = lambda p: init_diloco_state(p, inner, outer, config, frags)
+      >>> state = jax.jit(init, out_shardings=sh)(params)
+      >>> batch_sh = NamedSharding(mesh, PartitionSpec("replica"))  # one scalar per replica
+      >>> step = make_diloco_step(loss, inner, outer, config, frags, sh, batch_sh)
+      >>> state, metrics = step(state, jax.device_put(jnp.array([0.0, 1.0]), batch_sh))
+      >>> # replicas 0.8 and 1.0, outer gradient 1 - 0.9 = 0.1, Nesterov: 1 - 0.7 * 0.19
+      >>> int(metrics["synced_fragment"]), round(state.global_params["blocks"][0]["w"][0].item(), 6)
+      (0, 0.867)
     """
     if len(fragments) != config.fragments and config.sync == "diloco":
         raise ValueError(
