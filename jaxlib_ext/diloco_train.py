@@ -45,7 +45,7 @@ from parallel.exchange import exchange_wire_bytes
 from parallel.fragments import Fragment, make_fragments
 from parallel.rules import DEFAULT_RULES, Rules, tree_shardings
 
-__all__ = ["DilocoSetup", "lm_loss", "local_size"]
+__all__ = ["DilocoSetup", "local_size"]
 
 
 def local_size(shape: tuple[int, ...], sharding: NamedSharding) -> int:
@@ -145,9 +145,9 @@ class DilocoSetup:
         """``[M * b, T + 1]`` host tokens (every process holds them whole) -> the sharded
         ``[M, b, T + 1]`` batch: replica ``m`` trains on rows ``m * b ... (m + 1) * b - 1``."""
         batch = np.asarray(batch)
+        sharding = self.batch_sharding(batch.shape[0])  # checks the split over the replicas
         m = self.config.replicas
         stacked = batch.reshape(m, batch.shape[0] // m, *batch.shape[1:])
-        sharding = self.batch_sharding(batch.shape[0])
         return jax.make_array_from_callback(stacked.shape, sharding, lambda i: stacked[i])
 
     def step(self, loss_fn=None):
@@ -202,19 +202,31 @@ class DilocoSetup:
 
     # -- checkpoints ------------------------------------------------------------------------
 
+    @staticmethod
+    def _saved_replicas(ckpt: Any, step: int | None, fallback: bool) -> int | None:
+        """The replica count of the step to restore, from its manifest (with ``fallback``, of
+        the newest readable one: the restore itself then checks the data)."""
+        from jaxlib_ext.checkpoint import CheckpointError, manifest
+
+        candidates = [step] if step is not None else list(reversed(ckpt.steps()))
+        for s in candidates if fallback else candidates[:1]:
+            try:
+                leaves = manifest(ckpt.directory, s)["leaves"]
+            except CheckpointError:
+                if not fallback:
+                    raise
+                continue
+            return next((v["shape"][0] for k, v in leaves.items() if k.startswith("params/")), None)
+        return None
+
     def restore(self, ckpt: Any, *, step: int | None = None, fallback: bool = False):
         """Restores a DiLoCo checkpoint into this setup: ``(state, extra)``.
 
         Same number of replicas: every leaf as saved (bit-exact; any device count). Another
         number of replicas: see the module docstring (replicas restart from the global copy).
         """
-        from jaxlib_ext.checkpoint import manifest
-
         target = self.abstract_state()
-        info = manifest(ckpt.directory, step if step is not None else ckpt.latest_step())
-        saved = next(
-            (v["shape"][0] for k, v in info["leaves"].items() if k.startswith("params/")), None
-        )
+        saved = self._saved_replicas(ckpt, step, fallback)
         if saved is None or saved == self.config.replicas:
             return ckpt.restore(target, step=step, fallback=fallback)
         unstacked = lambda a: jax.ShapeDtypeStruct(
