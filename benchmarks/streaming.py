@@ -107,7 +107,7 @@ def run_scheme(name, replicas, seed, args, corpus):
     inner = optax.adamw(schedule, weight_decay=0.1)
     options = dict(SCHEMES[name])
     config = DilocoConfig(replicas=replicas, sync_every=args.sync_every, **options)
-    outer_lr = args.outer_lr if config.fragments == 1 else min(args.outer_lr, 0.7)
+    outer_lr = args.outer_lr
     setup = DilocoSetup.create(lm, inner, outer_optimizer(outer_lr, 0.9), config, mesh)
     cut = int(len(corpus) * 0.9)
     train = data.TokenBatches(corpus[:cut], batch_size=args.batch_size, seq_len=args.seq_len)
