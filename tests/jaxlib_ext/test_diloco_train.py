@@ -49,11 +49,14 @@ def test_bytes_per_fragment_match_the_compiled_step(devices, scanned):
     replicas (e3m0 on a 2 x 4 mesh); streaming's peak is about 1/P of DiLoCo's, its average the
     same, and 4-bit is 1/8 of fp32 plus the scales."""
     found = {}
-    for name, overrides in {
+    variants = {
         "streaming": {},
         "diloco": dict(fragments=1, overlap=0, alpha=0.0),
         "fp32": dict(exchange_dtype="fp32"),
-    }.items():
+    }
+    for name, overrides in variants.items():
+        if scanned and name != "streaming":
+            continue  # the scanned layout: its fragments' branches only (compile time)
         setup = _setup(scanned=scanned, **overrides)
         state = setup.init(seed=0)
         report = costs.analyze(setup.step(), state, setup.shard_batch(_tokens(1)[0]))
@@ -63,6 +66,9 @@ def test_bytes_per_fragment_match_the_compiled_step(devices, scanned):
                 branches[op.branch] = branches.get(op.branch, 0.0) + op.total_wire_bytes
         assert sorted(branches.values()) == sorted(setup.sync_wire_bytes()), name
         found[name] = setup.sync_wire_bytes()
+    if scanned:
+        assert found["streaming"] == _setup().sync_wire_bytes()  # same fragments as unrolled
+        return
     model_elements = sum(x.size for x in jax.tree.leaves(_setup().model.abstract_params))
     local = model_elements // 4  # every parameter is split over fsdp = 4
     assert sum(_setup().fragment_local_sizes()) == local
@@ -98,12 +104,13 @@ def test_resume_with_a_fragment_in_flight_is_bit_exact(devices, tmp_path):
 
 
 def test_resume_on_another_device_count(devices, tmp_path):
-    setup = _setup()
+    # fp32 exchange: e3m0's rounding would turn the other mesh's round-off into code flips
+    setup = _setup(exchange_dtype="fp32")
     tokens = _tokens(8)
     state, _ = _train(setup, setup.init(seed=0), tokens[:5])
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(5, state)
-        small = _setup(devices=jax.devices()[:4])  # replica 2 x fsdp 2
+        small = _setup(devices=jax.devices()[:4], exchange_dtype="fp32")  # replica 2 x fsdp 2
         restored, _ = small.restore(ckpt)
     for want, got in zip(_values(state), _values(restored), strict=True):
         np.testing.assert_array_equal(got, want)

@@ -10,6 +10,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+import optim
 from jaxlib_ext import costs
 from parallel import diloco
 from parallel.exchange import exchange_wire_bytes
@@ -72,7 +73,7 @@ def reference_fragments(params, num_fragments, scanned):
     return out
 
 
-def build(params, config, inner, outer, mesh):
+def build(params, config, inner, outer, mesh, loss_fn=quadratic_loss):
     frags = make_fragments(params, config.fragments)
     param_sh = toy_shardings(params, mesh)
     sh = diloco.diloco_state_shardings(params, param_sh, inner, outer, config, frags, mesh)
@@ -80,7 +81,7 @@ def build(params, config, inner, outer, mesh):
         lambda p: diloco.init_diloco_state(p, inner, outer, config, frags), out_shardings=sh
     )(params)
     batch_sh = NamedSharding(mesh, PartitionSpec(config.replica_axis))
-    step = diloco.make_diloco_step(quadratic_loss, inner, outer, config, frags, sh, batch_sh)
+    step = diloco.make_diloco_step(loss_fn, inner, outer, config, frags, sh, batch_sh)
     return state, step, batch_sh
 
 
@@ -372,3 +373,32 @@ def test_async_driver_computes_the_one_program_step(mesh, overlap, alpha):
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
             else:  # the one-program step fuses the exchange with the apply: round-off
                 np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "make_inner",
+    [
+        lambda: optim.spam(0.01, density=0.5, reset_interval=3, warmup_steps=1, no_clip_steps=1),
+        lambda: optim.diffgrad(0.01),
+        lambda: optim.adam_coordinate_clipped(0.01, fraction=0.1),
+    ],
+    ids=["spam-sparse", "diffgrad", "adam_coordinate_clipped"],
+)
+def test_inner_optimizers_of_this_library(mesh, make_inner):
+    """Any optax inner optimizer: this library's too (PRNG keys and sparse indices in the state
+    are replicated per replica like everything else); one compilation, shardings kept."""
+    params = toy_params(False)
+    config = diloco.DilocoConfig(replicas=2, sync_every=4, fragments=2, exchange_dtype="int8")
+    inner = make_inner()
+    traces = []  # jit's cache size counts typed PRNG keys twice; count the traces instead
+    counting = lambda p, b: traces.append(1) or quadratic_loss(p, b)
+    state, step, batch_sh = build(params, config, inner, diloco.outer_optimizer(), mesh, counting)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    batches = np.random.default_rng(8).normal(size=(9, 2, 2))
+    state, _ = _run(state, step, batch_sh, batches[:1])
+    traced = len(traces)
+    state, losses = _run(state, step, batch_sh, batches[1:])
+    assert np.all(np.isfinite(losses)) and len(traces) == traced
+    assert jax.tree.map(lambda x: x.sharding, state) == shardings
+    for x in jax.tree.leaves(state.global_params):
+        assert np.all(np.isfinite(np.asarray(x)))
