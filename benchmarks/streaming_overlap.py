@@ -5,7 +5,7 @@
 Starts 2 local processes joined by ``jax.distributed`` (gloo on CPU), each one replica on its
 own devices, and times, in the same run and on the same batches:
 
-* ``compute``: inner steps only (no sync at all);
+* ``compute``: the inner-step program alone (no sync at all);
 * ``one program``: :func:`parallel.diloco.make_diloco_step` (each sync step runs its exchange
   inside the step);
 * ``async, waited``: :class:`parallel.diloco_async.AsyncStreamingDiloco` with the exchange's
@@ -64,7 +64,6 @@ def worker(args) -> None:
         DilocoConfig,
         diloco_state_shardings,
         init_diloco_state,
-        make_diloco_step,
         outer_optimizer,
     )
     from parallel.diloco_async import AsyncStreamingDiloco
@@ -93,7 +92,7 @@ def worker(args) -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, (args.steps, args.batch_size, args.seq_len + 1)).astype(np.int32)
     batches = [setup.shard_batch(t) for t in tokens]
-    # compute only: the same step with no sync due in the run
+    # compute only: the driver's inner-step program, with no sync due in the run
     never = DilocoConfig(replicas=2, sync_every=10**6, fragments=args.fragments)
     never_sh = diloco_state_shardings(
         lm.abstract_params, setup.param_shardings, inner, outer, never, setup.fragments, mesh
@@ -102,9 +101,9 @@ def worker(args) -> None:
         lambda: init_diloco_state(lm.init(0), inner, outer, never, setup.fragments),
         out_shardings=never_sh,
     )
-    compute = make_diloco_step(
+    compute = AsyncStreamingDiloco(
         loss, inner, outer, never, setup.fragments, never_sh, setup.batch_sharding()
-    )
+    ).step
     driver = AsyncStreamingDiloco(
         loss, inner, outer, config, setup.fragments, setup.shardings, setup.batch_sharding()
     )
