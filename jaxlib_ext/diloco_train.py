@@ -169,16 +169,10 @@ class DilocoSetup:
         """Elements of each fragment on one device (its shard of every piece)."""
         leaves = jax.tree.leaves(self.model.abstract_params)
         shardings = jax.tree.leaves(self.param_shardings)
-        sizes = []
-        for f in self.fragments:
-            total = 0
-            for p in f.pieces:
-                shape = tuple(leaves[p.leaf].shape)
-                if p.rows is not None:
-                    shape = (len(p.rows), *shape[1:])
-                total += local_size(shape, shardings[p.leaf])
-            sizes.append(total)
-        return sizes
+        return [
+            sum(local_size(p.shape(leaves[p.leaf].shape), shardings[p.leaf]) for p in f.pieces)
+            for f in self.fragments
+        ]
 
     def sync_wire_bytes(self) -> list[float]:
         """Per device, the bytes that cross the replica axis when each fragment is synchronized

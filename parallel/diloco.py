@@ -248,8 +248,14 @@ def diloco_state_shardings(
     leaves, sh_leaves = jax.tree.leaves(params), jax.tree.leaves(param_shardings)
     outer = []
     for f in fragments:
+        for p in f.pieces:
+            if p.rows is not None and sh_leaves[p.leaf].spec and sh_leaves[p.leaf].spec[0]:
+                raise ValueError(
+                    f"the layer axis of the scanned parameter {p.path} is sharded "
+                    f"({sh_leaves[p.leaf].spec}); fragments take its rows, keep it replicated"
+                )
         pieces = [
-            jax.ShapeDtypeStruct(_piece_shape(p, leaves), _compute_dtype(leaves[p.leaf]))
+            jax.ShapeDtypeStruct(p.shape(leaves[p.leaf].shape), _compute_dtype(leaves[p.leaf]))
             for p in f.pieces
         ]
         piece_sh = [sh_leaves[p.leaf] for p in f.pieces]
@@ -267,15 +273,6 @@ def diloco_state_shardings(
         pending,
         scalar,
     )
-
-
-def _piece_shape(piece, leaves) -> tuple[int, ...]:
-    shape = tuple(leaves[piece.leaf].shape)
-    return shape if piece.rows is None else (len(piece.rows), *shape[1:])
-
-
-def _specs(shardings: Sequence[NamedSharding]) -> list[PartitionSpec]:
-    return [s.spec for s in shardings]
 
 
 def _spec_axes(spec: PartitionSpec) -> tuple[str, ...]:

@@ -47,6 +47,11 @@ class Piece:
     path: str
     rows: tuple[int, ...] | None = None
 
+    def shape(self, leaf_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of this piece of a leaf of ``leaf_shape``."""
+        shape = tuple(leaf_shape)
+        return shape if self.rows is None else (len(self.rows), *shape[1:])
+
     def take(self, x: Any, *, axis: int = 0) -> Any:
         """This piece of ``x`` (the leaf), rows taken along ``axis``."""
         if self.rows is None:
@@ -81,12 +86,7 @@ class Fragment:
 
     def size(self, leaves: Sequence[Any]) -> int:
         """Elements in the fragment (``leaves`` may be arrays or ``ShapeDtypeStruct``s)."""
-        total = 0
-        for p in self.pieces:
-            shape = leaves[p.leaf].shape
-            rows = shape[0] if p.rows is None else len(p.rows)
-            total += int(np.prod(shape[1:], dtype=np.int64)) * rows if shape else 1
-        return total
+        return sum(int(np.prod(p.shape(leaves[p.leaf].shape), dtype=np.int64)) for p in self.pieces)
 
 
 def _layer_groups(num_layers: int, num_fragments: int, pattern: str) -> list[list[int]]:
