@@ -28,7 +28,11 @@ rules give it inside a replica). The whole step (``M`` inner steps as one ``vmap
 due at that step chosen with ``lax.switch`` by the step counter) is one compiled program for
 every ``t``. Only the sync branches move bytes across the replica axis, and only the fragment's
 quantized outer gradient (an explicit ``shard_map`` collective); see
-:func:`parallel.exchange.exchange_wire_bytes` for the exact figures.
+:func:`parallel.exchange.exchange_wire_bytes` for the exact figures. The price of one program:
+the state the switch may change (replicas, global copy, outer states, outer gradients in flight)
+passes through it on every step, and XLA:CPU copies what its untaken branches pass through
+(+45% step time measured at 3.3 M parameters on 2 devices, ``benchmarks/RESULTS.md``);
+:mod:`parallel.diloco_async` runs the same updates as separate programs without that cost.
 
 **Non-finite outer gradients** are a documented skip, never a corrupted global copy: when the
 averaged outer gradient of a fragment has a NaN or Inf (some replica diverged), the global copy

@@ -18,7 +18,10 @@ that the runtime may run the exchange *while* the next inner steps run:
    consume the exchanged mean.
 
 Whether the exchange then runs concurrently with the inner steps is the runtime's choice; how
-much of it is hidden is measured by ``benchmarks/streaming_overlap.py`` (see the README). The
+much of it is hidden is measured by ``benchmarks/streaming_overlap.py``: on XLA:CPU across 2
+processes, nothing (the runtime does not run the exchange program beside the next inner step,
+and the core is busy anyway); a GPU/TPU runtime, with collectives on their own engine, is where
+it can pay off. The
 in-flight mean lives in this object, not in the state: save checkpoints of this driver's state
 when :attr:`in_flight` is None (or use the one-program step, whose state holds it).
 """
