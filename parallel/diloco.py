@@ -500,45 +500,51 @@ def make_diloco_step(
         t = state.step + 1
         l_leaves, l_def = jax.tree.flatten(params)
         g_leaves, g_def = jax.tree.flatten(state.global_params)
-        carry = (g_leaves, l_leaves, state.outer_opt_state, state.pending, state.skipped_syncs)
         no_div = jnp.zeros((m,), jnp.float32)
+        # Each switch returns only what its branches may change: XLA copies whatever an untaken
+        # branch passes through, so read-only operands stay out of the outputs.
+        changed = (g_leaves, l_leaves, state.outer_opt_state, state.skipped_syncs)
 
-        def idle(carry):
-            return carry, no_div
+        def exchange(f: Fragment, g_leaves, l_leaves):
+            return exchanges[f.index](outer_gradients(f, g_leaves, l_leaves))
 
-        def send_branch(f: Fragment):
-            def branch(carry):
-                g_leaves, l_leaves, outer, pending, skipped = carry
-                stacked = outer_gradients(f, g_leaves, l_leaves)
-                deltas, div, finite = exchanges[f.index](stacked)
-                if tau == 0:
-                    g_leaves, l_leaves, outer, skipped = apply_fragment(
-                        f, g_leaves, l_leaves, outer, deltas, finite, skipped
-                    )
-                else:
-                    pending = (*pending[: f.index], (deltas, finite), *pending[f.index + 1 :])
-                return (g_leaves, l_leaves, outer, pending, skipped), div
+        def sync_now(f: Fragment):  # tau = 0: exchange and apply in the same step
+            def branch(changed):
+                deltas, div, finite = exchange(f, changed[0], changed[1])
+                return apply_fragment(f, *changed[:3], deltas, finite, changed[3]), div
 
             return branch
 
-        def apply_branch(f: Fragment):
-            def branch(carry):
-                g_leaves, l_leaves, outer, pending, skipped = carry
-                deltas, finite = pending[f.index]
-                g_leaves, l_leaves, outer, skipped = apply_fragment(
-                    f, g_leaves, l_leaves, outer, deltas, finite, skipped
-                )
-                return (g_leaves, l_leaves, outer, pending, skipped)
+        def send(f: Fragment):  # tau > 0: exchange now, keep the mean for later
+            def branch(g_leaves, l_leaves, pending):
+                deltas, div, finite = exchange(f, g_leaves, l_leaves)
+                return (*pending[: f.index], (deltas, finite), *pending[f.index + 1 :]), div
+
+            return branch
+
+        def apply_pending(f: Fragment):
+            def branch(changed, pending):
+                return apply_fragment(f, *changed[:3], *pending[f.index], changed[3])
 
             return branch
 
         sent = which(t, 0)
-        carry, div = jax.lax.switch(sent, [idle, *map(send_branch, fragments)], carry)
-        applied = sent
-        if tau:
+        pending = state.pending
+        if tau == 0:
+            idle = lambda changed: (changed, no_div)
+            changed, div = jax.lax.switch(sent, [idle, *map(sync_now, fragments)], changed)
+            applied = sent
+        else:
+            idle = lambda g_leaves, l_leaves, pending: (pending, no_div)
+            pending, div = jax.lax.switch(
+                sent, [idle, *map(send, fragments)], g_leaves, l_leaves, pending
+            )
             applied = which(t, tau)
-            carry = jax.lax.switch(applied, [lambda c: c, *map(apply_branch, fragments)], carry)
-        g_leaves, l_leaves, outer, pending, skipped = carry
+            keep = lambda changed, pending: changed
+            changed = jax.lax.switch(
+                applied, [keep, *map(apply_pending, fragments)], changed, pending
+            )
+        g_leaves, l_leaves, outer, skipped = changed
         new_state = DilocoState(
             t,
             l_def.unflatten(l_leaves),
