@@ -31,7 +31,7 @@ quantized outer gradient (an explicit ``shard_map`` collective); see
 :func:`parallel.exchange.exchange_wire_bytes` for the exact figures. The price of one program:
 the state the switch may change (replicas, global copy, outer states, outer gradients in flight)
 passes through it on every step, and XLA:CPU copies what its untaken branches pass through
-(+45% step time measured at 3.3 M parameters on 2 devices, ``benchmarks/RESULTS.md``);
+(x1.09-1.12 step time measured at 3.3 M parameters on 2 devices, ``benchmarks/RESULTS.md``);
 :mod:`parallel.diloco_async` runs the same updates as separate programs without that cost.
 
 **Non-finite outer gradients** are a documented skip, never a corrupted global copy: when the
