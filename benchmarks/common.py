@@ -52,21 +52,27 @@ def write_json(path: str | Path, record: dict) -> Path:
     return path
 
 
-def reference_mesh_and_config(args) -> tuple:
-    """A ``data x fsdp`` mesh over ``args.devices`` and the reference LM's config from ``args``
-    (``d_model``, ``layers``, ``seq_len``): the setup every benchmark of the reference LM shares."""
+def reference_lm_config(args):
+    """The reference LM's config from ``args`` (``d_model``, ``layers``, ``seq_len``): 4 heads,
+    ``d_ff = 4 d_model``."""
     from jaxlib_ext.model import LMConfig
-    from parallel.mesh import make_mesh
 
-    mesh = make_mesh({"data": 2, "fsdp": -1} if args.devices % 2 == 0 else {"fsdp": -1})
-    cfg = LMConfig(
+    return LMConfig(
         d_model=args.d_model,
         num_layers=args.layers,
         num_heads=4,
         d_ff=4 * args.d_model,
         max_len=args.seq_len,
     )
-    return mesh, cfg
+
+
+def reference_mesh_and_config(args) -> tuple:
+    """A ``data x fsdp`` mesh over ``args.devices`` and :func:`reference_lm_config`: the setup
+    every data-parallel benchmark of the reference LM shares."""
+    from parallel.mesh import make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": -1} if args.devices % 2 == 0 else {"fsdp": -1})
+    return mesh, reference_lm_config(args)
 
 
 def reference_lm_setup(args) -> tuple:

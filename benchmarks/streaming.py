@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, use_cpu_devices, write_json
+from benchmarks.common import machine, reference_lm_config, use_cpu_devices, write_json
 
 SCHEMES = {
     "data-parallel": dict(sync="ddp"),
@@ -86,20 +86,14 @@ def run_scheme(name, replicas, seed, args, corpus):
 
     from jaxlib_ext import costs, data
     from jaxlib_ext.diloco_train import DilocoSetup
-    from jaxlib_ext.model import LanguageModel, LMConfig
+    from jaxlib_ext.model import LanguageModel
     from parallel.diloco import DilocoConfig, outer_optimizer
     from parallel.mesh import make_mesh
     from parallel.rules import activation_constraint
 
     fsdp = args.devices // replicas
     mesh = make_mesh({"replica": replicas, "fsdp": fsdp})
-    cfg = LMConfig(
-        d_model=args.d_model,
-        num_layers=args.layers,
-        num_heads=4,
-        d_ff=4 * args.d_model,
-        max_len=args.seq_len,
-    )
+    cfg = reference_lm_config(args)
     lm = LanguageModel(cfg, activation_sharding=activation_constraint(mesh))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, args.steps // 20, args.steps, args.lr / 10

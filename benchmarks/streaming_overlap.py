@@ -57,8 +57,9 @@ def worker(args) -> None:
     import numpy as np
     import optax
 
+    from benchmarks.common import reference_lm_config
     from jaxlib_ext.diloco_train import DilocoSetup
-    from jaxlib_ext.model import LanguageModel, LMConfig
+    from jaxlib_ext.model import LanguageModel
     from jaxlib_ext.train import lm_loss
     from parallel.diloco import (
         DilocoConfig,
@@ -70,13 +71,7 @@ def worker(args) -> None:
     from parallel.mesh import make_mesh
 
     mesh = make_mesh({"replica": 2, "fsdp": -1})
-    cfg = LMConfig(
-        d_model=args.d_model,
-        num_layers=args.layers,
-        num_heads=4,
-        d_ff=4 * args.d_model,
-        max_len=args.seq_len,
-    )
+    cfg = reference_lm_config(args)
     lm = LanguageModel(cfg)
     config = DilocoConfig(
         replicas=2,

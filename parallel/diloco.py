@@ -449,6 +449,14 @@ def make_diloco_step(
     replicated = NamedSharding(mesh, PartitionSpec())
     param_specs = [PartitionSpec(*s.spec[1:]) for s in jax.tree.leaves(shardings.params)]
 
+    def jit_step(step):  # donating; the state keeps its shardings, the metrics are replicated
+        return jax.jit(
+            step,
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, replicated),
+            donate_argnums=0,
+        )
+
     def metrics_of(state, loss, extra):
         return {
             "loss": jnp.mean(loss),
@@ -475,12 +483,7 @@ def make_diloco_step(
             )
             return state, out
 
-        return jax.jit(
-            ddp_step,
-            in_shardings=(shardings, batch_sharding),
-            out_shardings=(shardings, replicated),
-            donate_argnums=0,
-        )
+        return jit_step(ddp_step)
 
     period, tau, alpha = config.period, config.overlap, config.alpha
     exchanges = [
@@ -558,12 +561,7 @@ def make_diloco_step(
         out.update(synced_fragment=sent - 1, applied_fragment=applied - 1, divergence=div)
         return new_state, out
 
-    return jax.jit(
-        diloco_step,
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0,
-    )
+    return jit_step(diloco_step)
 
 
 def _grad_exchange_fn(config: DilocoConfig, mesh: Mesh, specs: list[PartitionSpec]):
