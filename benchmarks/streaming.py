@@ -170,7 +170,8 @@ def projection(results, bandwidths_gbit=(0.1, 1, 10, 100, 400)):
     replica sends (per-device bytes) x (devices per replica); data parallel's gradient
     all-reduce is exposed (not overlapped with the backward pass); DiLoCo's sync is exposed
     once every H steps; Streaming DiLoCo with overlap tau hides up to tau steps of compute
-    behind each fragment's exchange (the asynchronous-dispatch setting; see README)."""
+    behind each fragment's exchange (where the runtime overlaps them, as GPU/TPU collectives
+    can; XLA:CPU does not, as measured by streaming_overlap.py)."""
     table = {}
     for r in results:
         step_s = r["step_seconds_median"]
@@ -251,7 +252,7 @@ def main(argv=None):
         )
     proj = projection([r for r in results if r["seed"] == args.seeds[0]])
     print("\ncompute utilization projected from the measured step time and bytes")
-    print(projection.__doc__.split("Assumptions:")[1].strip())
+    print(" ".join(projection.__doc__.split("Assumptions:")[1].split()))
     for (name, replicas), row in proj.items():
         cells = " ".join(f"{k}: {v:5.3f}" for k, v in row.items())
         print(f"  M={replicas} {name:<22} {cells}")
