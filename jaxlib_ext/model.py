@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from parallel.moe.routing import load_balancing_loss, route
+
 _STACK_METADATA = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
 ACTIVATION_AXES = ("batch", "seq", "embed")
 """Logical axes of the residual stream ``[B, T, d_model]`` at every block boundary."""
@@ -154,41 +156,50 @@ class Mlp(nnx.Module):
         self.wo = _param(rngs, (f, d), ("mlp", "embed"), f * 2 * cfg.num_layers, dt)
         self.dtype = cfg.dtype
 
-    def __call__(self, x):
+    def __call__(self, x, moe_state=None):
+        del moe_state
         h = jax.nn.gelu(x @ self.wi[...].astype(self.dtype))
-        return h @ self.wo[...].astype(self.dtype), jnp.zeros((), jnp.float32)
+        return h @ self.wo[...].astype(self.dtype), jnp.zeros((), jnp.float32), None
 
 
 class MoeMlp(nnx.Module):
-    """Top-k routed experts, computed densely: the reference the sparse strategies must match.
+    """Top-k routed experts: computed densely (the reference), or by a sharded strategy.
 
-    ``gates = softmax(x @ router)``; the top-k gates of each token are renormalised to sum to 1;
-    ``y = sum_e gate_e * expert_e(x)``. The load-balancing loss is Switch-Transformer style:
-    ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of top-k assignments to expert ``e`` and
-    ``P_e`` its mean router probability (1 when perfectly balanced).
+    ``gates = softmax(x @ router)``; the top-k gates of each token are renormalised to sum to 1
+    (:func:`parallel.moe.route`); ``y = sum_e gate_e * expert_e(x)``. The load-balancing loss is
+    Switch-Transformer style: ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of top-k
+    assignments to expert ``e`` and ``P_e`` its mean router probability (1 when balanced).
+
+    Without a ``strategy`` every token goes through every expert, weighted by its combine
+    weights (zero outside its top-k): the plain reference the sharded strategies must match.
+    With a :class:`parallel.moe.MoeStrategy`, the experts run as it says (ep, fsdp or fssdp)
+    from the layer's :class:`parallel.moe.MoeLayerState` and return its stats.
     """
 
-    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, strategy=None):
         d, f, e, dt = cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.param_dtype
         self.router = _param(rngs, (d, e), ("embed", "expert"), d, dt)
         self.wi = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), d, dt)
         self.wo = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), f * 2 * cfg.num_layers, dt)
         self.top_k, self.num_experts, self.dtype = cfg.top_k, e, cfg.dtype
+        self.strategy = strategy
 
-    def __call__(self, x):
-        logits = jnp.einsum(
-            "btd,de->bte", x.astype(jnp.float32), self.router[...].astype(jnp.float32)
-        )
-        probs = jax.nn.softmax(logits, axis=-1)
-        top_p, top_i = jax.lax.top_k(probs, self.top_k)
-        assigned = jax.nn.one_hot(top_i, self.num_experts, dtype=jnp.float32)  # [b,t,k,e]
-        combine = jnp.einsum("btk,btke->bte", top_p / jnp.sum(top_p, -1, keepdims=True), assigned)
+    def __call__(self, x, moe_state=None):
+        routing = route(x, self.router[...], self.top_k)
+        aux = load_balancing_loss(routing)
+        if self.strategy is not None:
+            if moe_state is None:
+                moe_state = self.strategy.init_layer_state(self.num_experts)
+            out, stats = self.strategy.layer(
+                x, routing, self.wi[...], self.wo[...], moe_state, self.dtype
+            )
+            return out, aux, stats
+        assigned = jax.nn.one_hot(routing.experts, self.num_experts, dtype=jnp.float32)
+        combine = jnp.einsum("btk,btke->bte", routing.gates, assigned)
         h = jax.nn.gelu(jnp.einsum("btd,edf->btef", x, self.wi[...].astype(self.dtype)))
         y = jnp.einsum("btef,efd->bted", h, self.wo[...].astype(self.dtype))
         out = jnp.einsum("bte,bted->btd", combine.astype(self.dtype), y)
-        fraction = jnp.mean(jnp.sum(assigned, axis=2), axis=(0, 1)) / self.top_k
-        aux = self.num_experts * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1)))
-        return out, aux
+        return out, aux, None
 
 
 def _no_constraint(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
@@ -197,24 +208,27 @@ def _no_constraint(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Ar
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, constrain=_no_constraint):
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, constrain=_no_constraint, strategy=None):
         self.constrain = constrain
         self.attn_norm = RMSNorm(cfg)
         self.attn = Attention(cfg, rngs, constrain)
         self.mlp_norm = RMSNorm(cfg)
-        self.mlp = MoeMlp(cfg, rngs) if cfg.num_experts else Mlp(cfg, rngs)
+        self.mlp = MoeMlp(cfg, rngs, strategy) if cfg.num_experts else Mlp(cfg, rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, moe_state=None):
+        """``(x, aux_loss, moe_stats)``; ``moe_stats`` is None unless the MLP has a strategy."""
         x = self.constrain(x, ACTIVATION_AXES)
         x = x + self.attn(self.attn_norm(x))
-        y, aux = self.mlp(self.mlp_norm(x))
-        return x + y, aux
+        y, aux, stats = self.mlp(self.mlp_norm(x), moe_state)
+        return x + y, aux, stats
 
 
 class TransformerLM(nnx.Module):
-    """The NNX module: ``model(tokens) -> (logits [B, T, V] in float32, aux_loss)``."""
+    """The NNX module: ``model(tokens, moe_state=None) -> (logits [B, T, V] float32, aux_loss,
+    moe_stats)``; ``moe_state``/``moe_stats`` are per-layer dicts ``{i: {"mlp": ...}}`` when the
+    MoE layers run under a strategy (unrolled layers only), else None."""
 
-    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, constrain=_no_constraint):
+    def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, constrain=_no_constraint, strategy=None):
         d, dt = cfg.d_model, cfg.param_dtype
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), None, dt)
@@ -228,11 +242,12 @@ class TransformerLM(nnx.Module):
 
             self.blocks = stacked(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs, constrain) for _ in range(cfg.num_layers)])
+            blocks = [Block(cfg, rngs, constrain, strategy) for _ in range(cfg.num_layers)]
+            self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(cfg)
         self.head = _param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), d, dt)
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, moe_state=None):
         cfg = self.cfg
         if tokens.shape[-1] > cfg.max_len:
             raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_len={cfg.max_len}")
@@ -246,16 +261,21 @@ class TransformerLM(nnx.Module):
             )
             def run(carry, block):
                 x, aux = carry
-                x, block_aux = block(x)
+                x, block_aux, _ = block(x)
                 return x, aux + block_aux
 
             x, aux = run((x, aux), self.blocks)
+            stats = None
         else:
-            for block in self.blocks:
-                x, block_aux = block(x)
+            stats = {}
+            for i, block in enumerate(self.blocks):
+                layer_state = None if moe_state is None else moe_state[i]["mlp"]
+                x, block_aux, layer_stats = block(x, layer_state)
                 aux = aux + block_aux
+                stats[i] = {"mlp": layer_stats}
+            stats = stats if cfg.num_experts and stats[0]["mlp"] is not None else None
         logits = self.final_norm(x) @ self.head[...].astype(cfg.dtype)
-        return logits.astype(jnp.float32), aux / cfg.num_layers
+        return logits.astype(jnp.float32), aux / cfg.num_layers, stats
 
 
 def _is_param(x: Any) -> bool:
@@ -275,17 +295,33 @@ class LanguageModel:
       ('embed', 'mlp')
     """
 
-    def __init__(self, config: LMConfig, *, activation_sharding=None):
+    def __init__(self, config: LMConfig, *, activation_sharding=None, moe_strategy=None):
         """Args:
         config: the model's shape and options.
         activation_sharding: optional ``f(x, logical_axes) -> x`` applied to the residual
           stream at every block boundary (logical axes :data:`ACTIVATION_AXES`), e.g.
           :func:`parallel.rules.activation_constraint`, to pin activations to the batch
           sharding instead of leaving the choice to XLA's propagation.
+        moe_strategy: optional :class:`parallel.moe.MoeStrategy` (ep, fsdp or fssdp) that runs
+          the MoE layers instead of the dense reference; needs ``num_experts > 0`` and
+          ``scan_layers=False``. Its per-layer state comes from :meth:`init_moe_state` and goes
+          through :meth:`apply_moe`.
+
+        Raises:
+          ValueError: a strategy on a dense or scanned model, or one the experts do not fit.
         """
+        if moe_strategy is not None:
+            if not config.num_experts:
+                raise ValueError("`moe_strategy` needs num_experts > 0, got num_experts=0")
+            if config.scan_layers:
+                raise ValueError("`moe_strategy` needs scan_layers=False, got scan_layers=True")
+            moe_strategy.check(config.num_experts, config.top_k)
         self.config = config
+        self.moe_strategy = moe_strategy
         self._constrain = activation_sharding or _no_constraint
-        abstract = nnx.eval_shape(lambda: TransformerLM(config, nnx.Rngs(0), self._constrain))
+        abstract = nnx.eval_shape(
+            lambda: TransformerLM(config, nnx.Rngs(0), self._constrain, moe_strategy)
+        )
         self._graphdef, self._template = nnx.split(abstract, nnx.Param)
         self.logical_axes = nnx.to_pure_dict(
             jax.tree.map(
@@ -296,14 +332,38 @@ class LanguageModel:
 
     def init(self, seed: int | jax.Array = 0) -> dict:
         """Fresh parameters (a nested dict of arrays). Jit it with ``out_shardings`` to shard."""
-        model = TransformerLM(self.config, nnx.Rngs(seed), self._constrain)
+        model = TransformerLM(self.config, nnx.Rngs(seed), self._constrain, self.moe_strategy)
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def apply(self, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(logits [B, T, vocab] float32, aux_loss)`` for int tokens ``[B, T]``; pure."""
+        """``(logits [B, T, vocab] float32, aux_loss)`` for int tokens ``[B, T]``; pure.
+
+        Under a MoE strategy the experts are in the identity owner order with an empty load
+        window (:meth:`apply_moe` takes the real state).
+        """
+        logits, aux, _ = self.apply_moe(params, tokens, None)
+        return logits, aux
+
+    def apply_moe(
+        self, params: dict, tokens: jax.Array, moe_state: dict | None
+    ) -> tuple[jax.Array, jax.Array, dict | None]:
+        """``(logits, aux_loss, moe_stats)`` with the MoE layers' state from
+        :meth:`init_moe_state` (stats: ``{"blocks": {i: {"mlp": MoeLayerStats}}}``, None for the
+        dense reference)."""
         state = jax.tree.map(lambda v: v, self._template, is_leaf=_is_param)
         nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self._graphdef, state)(tokens)
+        blocks = None if moe_state is None else moe_state["blocks"]
+        logits, aux, stats = nnx.merge(self._graphdef, state)(tokens, blocks)
+        return logits, aux, None if stats is None else {"blocks": stats}
+
+    def init_moe_state(self) -> dict | None:
+        """The MoE layers' state under the strategy, ``{"blocks": {i: {"mlp": MoeLayerState}}}``
+        (identity owner order, empty load window), or None without a strategy."""
+        if self.moe_strategy is None:
+            return None
+        init = self.moe_strategy.init_layer_state
+        layers = range(self.config.num_layers)
+        return {"blocks": {i: {"mlp": init(self.config.num_experts)} for i in layers}}
 
     def num_params(self) -> int:
         return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))

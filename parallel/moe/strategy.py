@@ -56,6 +56,7 @@ from parallel.moe.placement import (
 )
 from parallel.moe.routing import Routing, expert_counts
 from parallel.moe.sparse_collectives import sparse_all_gather
+from parallel.rules import DEFAULT_RULES, Rules
 
 STRATEGIES = ("ep", "fsdp", "fssdp")
 _HIDDEN = "moe_hidden"
@@ -170,6 +171,16 @@ class MoeStrategy:
             )
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"`top_k` must be in [1, num_experts={num_experts}], got {top_k=}")
+
+    def rules(self, base: Rules = DEFAULT_RULES) -> Rules:
+        """``base`` with the ``expert`` axis of the expert weights over :attr:`axis_name` first
+        (so it takes those mesh axes before ``embed`` can)."""
+        return (("expert", self.axis_name), *base)
+
+    @property
+    def hot_experts(self) -> int:
+        """``D * c``: experts broadcast per layer and step (what re-sharding spreads)."""
+        return self.num_devices * self.send_per_device if self.kind == "fssdp" else 0
 
     def init_layer_state(self, num_experts: int) -> MoeLayerState:
         """Identity owner order and an empty load window."""

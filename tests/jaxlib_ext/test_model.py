@@ -79,7 +79,7 @@ def test_moe_matches_a_numpy_float64_reference():
     cfg = LMConfig(**SMALL, num_experts=4, top_k=2)
     moe = MoeMlp(cfg, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, cfg.d_model), jnp.float32)
-    out, aux = moe(x)
+    out, aux, _ = moe(x)
     xs = np.asarray(x, np.float64).reshape(-1, cfg.d_model)
     router, wi, wo = (np.asarray(p[...], np.float64) for p in (moe.router, moe.wi, moe.wo))
     logits = xs @ router
