@@ -176,8 +176,8 @@ def _expert_layer(path: str | None) -> tuple[int, str] | None:
 def _check_permutable(opt_state: Any, params: Any) -> None:
     """Every optimizer-state buffer tied to an expert weight must have its shape (so that the
     expert axis can be permuted); anything else (e.g. FRUGAL projections) is an error."""
-    owners = jax.tree.leaves(state_param_paths(opt_state, params), is_leaf=lambda x: x is None)
-    leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
+    owners = treedef.flatten_up_to(state_param_paths(opt_state, params))
     for (path, leaf), owner in zip(leaves, owners, strict=True):
         names = "/".join(map(str, path_names(path)))
         tied = any(names.endswith(f"mlp/{w}") for w in EXPERT_WEIGHTS)
@@ -228,7 +228,7 @@ def make_moe_reshard(
             return x if layer is None else jnp.take(x, index[layer[0]], axis=0)
 
         leaves, treedef = jax.tree.flatten(state.opt_state)
-        owner_list = jax.tree.leaves(owners, is_leaf=lambda x: x is None)
+        owner_list = treedef.flatten_up_to(owners)
         moved = [move_state(x, o) for x, o in zip(leaves, owner_list, strict=True)]
         opt_state = treedef.unflatten(moved)
         return MoeTrainState(state.step, new_params, opt_state, moe)
