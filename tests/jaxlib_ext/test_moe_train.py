@@ -72,9 +72,8 @@ def _canonical(tree, state):
     return jax.tree_util.tree_map_with_path(fix, tree)
 
 
-@pytest.fixture(scope="module")
-def dense_run(mesh):
-    """The dense reference model, 20 AdamW steps: losses and the final state."""
+def dense_losses_and_state(mesh):
+    """The dense reference model, 20 AdamW steps: losses and the final state (host arrays)."""
     model = LanguageModel(CONFIG)
     tx = optax.adamw(1e-3)
     shardings = train_state_shardings(model, tx, mesh)
@@ -86,6 +85,11 @@ def dense_run(mesh):
         state, metrics = step(state, shard_batch(batch, bs))
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def dense_run(mesh):
+    return dense_losses_and_state(mesh)
 
 
 def _moe_run(mesh, kind, knobs, tx=None, steps=STEPS, reshard_at=RESHARD_AT):
