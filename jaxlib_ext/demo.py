@@ -120,6 +120,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--outer-lr", type=float, default=0.7, help="outer Nesterov SGD lr")
     g.add_argument("--outer-momentum", type=float, default=0.9, help="outer momentum")
+    m = p.add_argument_group(
+        "MoE execution (with --experts E)",
+        "how the MoE layers run over the devices; without --moe-strategy the dense reference "
+        "(every token through every expert) runs",
+    )
+    m.add_argument(
+        "--moe-strategy",
+        choices=("ep", "fsdp", "fssdp"),
+        default=None,
+        help="ep: expert parallel (all_to_all); fsdp: experts all-gathered; fssdp: hot experts "
+        "materialized (Hecate)",
+    )
+    m.add_argument(
+        "--slots", type=int, default=None, help="fssdp: extra expert slots m per device "
+        "(default: the device count, i.e. each device's hottest expert everywhere)"
+    )  # fmt: skip
+    m.add_argument("--remat", action="store_true", help="re-gather experts for the backward")
+    m.add_argument(
+        "--reshard-every", type=int, default=None, help="steps between re-shardings of expert "
+        "ownership (Algorithm 2; default 50 for fssdp, else 0 = never)"
+    )  # fmt: skip
+    m.add_argument("--load-window", type=int, default=5, help="fssdp: steps in the load window")
+    m.add_argument(
+        "--capacity-factor", type=float, default=None, help="drop token copies beyond "
+        "ceil(cf * tokens * k / devices) per destination (default: never drop)"
+    )  # fmt: skip
     h = p.add_argument_group(
         "several processes or hosts",
         "run the same command on every host with its --process-id; --devices counts all "
@@ -143,6 +169,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.alpha = 0.5 if args.overlap else 0.0
         if args.sync == "diloco" and (args.fragments != 1 or args.overlap):
             p.error("--sync diloco has one fragment and no overlap; use --sync streaming")
+    if args.moe_strategy is not None:
+        if args.experts < 1:
+            p.error("--moe-strategy needs --experts E (E >= 1)")
+        if args.sync is not None:
+            p.error("--moe-strategy cannot be combined with --sync/--replicas")
+        if args.scan_layers:
+            p.error("--moe-strategy runs unrolled layers; drop --scan-layers")
+        if args.slots is None:
+            args.slots = args.devices if args.moe_strategy == "fssdp" else 0
+        if args.reshard_every is None:
+            args.reshard_every = 50 if args.moe_strategy == "fssdp" else 0
+    elif args.slots is not None or args.remat or args.reshard_every is not None:
+        p.error("--slots, --remat and --reshard-every need --moe-strategy")
     if (args.resume or args.checkpoint_every) and not args.checkpoint_dir:
         p.error("--resume and --checkpoint-every need --checkpoint-dir")
     minimum = {
@@ -282,7 +321,22 @@ def _setup(args: argparse.Namespace):
         top_k=args.top_k,
         scan_layers=args.scan_layers,
     )
-    model = LanguageModel(config, activation_sharding=activation_constraint(mesh))
+    strategy = None
+    if args.moe_strategy:
+        from parallel.moe import MoeStrategy
+
+        strategy = MoeStrategy(
+            args.moe_strategy,
+            mesh,
+            slots=args.slots,
+            capacity_factor=args.capacity_factor,
+            remat=args.remat,
+            load_window=args.load_window,
+            reshard_every=args.reshard_every,
+        )
+    model = LanguageModel(
+        config, activation_sharding=activation_constraint(mesh), moe_strategy=strategy
+    )
     warmup = min(args.warmup, args.steps - 1)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, warmup, max(args.steps, warmup + 1), end_value=args.lr / 10
@@ -296,6 +350,8 @@ def _setup(args: argparse.Namespace):
     batches = data.TokenBatches(corpus, batch_size=args.batch_size, seq_len=args.seq_len)
     if args.sync:
         run = _diloco_run(args, model, tx, mesh)
+    elif strategy is not None:
+        run = _moe_run(args, model, tx, mesh)
     else:
         run = _plain_run(args, model, tx, mesh)
     return mesh, config, model, batches, run
@@ -311,6 +367,9 @@ class _Run:
     shard: Callable[[Any], Any]
     bytes_at: Callable[[int], float] | None
     describe: list[tuple[str, str]]
+    program: Any = None  # the jitted step to analyze when ``step`` is a Python wrapper
+    rules: Any = None  # the sharding rules recorded in checkpoints (default DEFAULT_RULES)
+    extra_metrics: tuple[str, ...] = ()  # per-step metrics kept in metrics.json
 
 
 def _plain_run(args, model, tx, mesh) -> _Run:
@@ -362,6 +421,92 @@ def _diloco_run(args, model, tx, mesh) -> _Run:
         bytes_at=setup.bytes_at,
         describe=[("sync", scheme)],
     )
+
+
+def _moe_run(args, model, tx, mesh) -> _Run:
+    from jaxlib_ext import moe_train, train
+
+    strategy = model.moe_strategy
+    shardings = moe_train.moe_train_state_shardings(model, tx, mesh)
+    batch_sharding = train.batch_sharding(mesh, global_batch=args.batch_size)
+    train_step = moe_train.make_moe_train_step(model, tx, shardings, batch_sharding)
+    reshard = moe_train.make_moe_reshard(model, tx, shardings) if args.reshard_every else None
+
+    def step(state, batch):
+        done = int(state.step)
+        if reshard is not None and done and done % args.reshard_every == 0:
+            state = reshard(state)
+        return train_step(state, batch)
+
+    knobs = f"{strategy.kind}: {args.experts} experts, top-{args.top_k}"
+    if strategy.kind == "fssdp":
+        knobs += (
+            f", m={strategy.slots} slots (c={strategy.send_per_device} sent per device), "
+            f"window {strategy.load_window}"
+        )
+    if args.reshard_every:
+        knobs += f", reshard every {args.reshard_every}"
+    if strategy.remat:
+        knobs += ", remat"
+    return _Run(
+        init=lambda: moe_train.init_moe_train_state(model, tx, shardings, seed=args.seed),
+        restore=lambda ckpt: ckpt.restore(
+            moe_train.abstract_moe_train_state(model, tx, shardings), fallback=True
+        ),
+        step=step,
+        shard=lambda batch: train.shard_batch(batch, batch_sharding),
+        bytes_at=None,
+        describe=[("moe", knobs)],
+        program=train_step,
+        rules=strategy.rules(),
+        extra_metrics=("moe_load_imbalance", "moe_rows_sent", "moe_expert_copies"),
+    )
+
+
+def _moe_summary(args, model, history, report_tokens) -> tuple[dict, list[tuple[str, str]]]:
+    """Expert and token bytes per device per step (issued by the compiled step, and what the
+    routing needed) and the balance, for ``metrics.json`` and the table."""
+    import numpy as np
+
+    from jaxlib_ext import costs
+    from parallel.moe import expert_wire_bytes, token_wire_bytes
+
+    config, strategy = model.config, model.moe_strategy
+    itemsize = 2 if config.param_dtype == "bfloat16" else 4
+    expert = 2 * config.d_model * config.d_ff * itemsize
+    row = config.d_model * (2 if config.dtype == "bfloat16" else 4)
+    layers = config.num_layers
+    issued_expert = layers * sum(expert_wire_bytes(strategy, config.num_experts, expert).values())
+    tokens = report_tokens // strategy.num_devices
+    issued_tokens = layers * sum(
+        token_wire_bytes(strategy, tokens, config.top_k, config.num_experts, row).values()
+    )
+    useful_expert = [2 * c * expert for c in history["moe_expert_copies"]]
+    useful_tokens = [4 * r * row for r in history["moe_rows_sent"]]
+    history["moe_expert_bytes_useful"] = useful_expert
+    summary = {
+        "strategy": strategy.kind,
+        "load_imbalance_mean": float(np.mean(history["moe_load_imbalance"])),
+        "expert_bytes_issued_per_step": issued_expert,
+        "expert_bytes_useful_per_step_mean": float(np.mean(useful_expert)),
+        "token_bytes_issued_per_step": issued_tokens,
+        "token_bytes_useful_per_step_mean": float(np.mean(useful_tokens)),
+    }
+    f = costs.format_bytes
+    rows = [
+        ("device load max/mean", f"{summary['load_imbalance_mean']:.2f} (mean over steps)"),
+        (
+            "expert bytes / step",
+            f"{f(issued_expert)} issued, {f(summary['expert_bytes_useful_per_step_mean'])} "
+            "useful (per device)",
+        ),
+        (
+            "token bytes / step",
+            f"{f(issued_tokens)} issued, {f(summary['token_bytes_useful_per_step_mean'])} "
+            "useful (per device)",
+        ),
+    ]
+    return summary, rows
 
 
 class _StopOnSigterm:
@@ -416,15 +561,18 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
     step_fn = run.step
 
     def save(step: int) -> None:
-        ckpt.save(step, state, extra={"data": data_state.to_dict()}, rules=DEFAULT_RULES)
+        rules = run.rules or DEFAULT_RULES
+        ckpt.save(step, state, extra={"data": data_state.to_dict()}, rules=rules)
 
     first, _ = batches.batch(batches.initial_state(args.seed))
-    report = costs.analyze(step_fn, state, run.shard(first))
+    report = costs.analyze(run.program or step_fn, state, run.shard(first))
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
 
     history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "tokens_per_sec": []}
     if run.bytes_at is not None:
         history["bytes_exchanged"] = []
+    for name in run.extra_metrics:
+        history[name] = []
     start = time.perf_counter()
     done = start_step
     # SIGTERM: finish the step in progress, save it (committed before the message), exit 0.
@@ -448,6 +596,8 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
             history["tokens_per_sec"].append(args.batch_size * args.seq_len / elapsed)
             if run.bytes_at is not None:
                 history["bytes_exchanged"].append(run.bytes_at(step + 1))
+            for name in run.extra_metrics:
+                history[name].append(float(metrics[name]))
             bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{grad_norm:.2f}")
             done = step + 1
             if ckpt is not None and args.checkpoint_every and done % args.checkpoint_every == 0:
@@ -484,6 +634,11 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
         exchanged = history["bytes_exchanged"]
         summary["bytes_exchanged_total"] = float(sum(exchanged))
         summary["bytes_exchanged_peak_step"] = float(max(exchanged))
+    moe_rows: list[tuple[str, str]] = []
+    if model.moe_strategy is not None:
+        summary["moe"], moe_rows = _moe_summary(
+            args, model, history, args.batch_size * args.seq_len
+        )
     rows = [
         ("optimizer", args.optimizer),
         *run.describe,
@@ -507,6 +662,7 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
             if run.bytes_at is not None
             else []
         ),
+        *moe_rows,
         ("collectives / step", ""),
     ]
     record = {
