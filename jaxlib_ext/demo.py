@@ -448,6 +448,7 @@ def _moe_run(args, model, tx, mesh) -> _Run:
         knobs += f", reshard every {args.reshard_every}"
     if strategy.remat:
         knobs += ", remat"
+    knobs += f"; tokens: {strategy.dispatch_path} all_to_all"
     return _Run(
         init=lambda: moe_train.init_moe_train_state(model, tx, shardings, seed=args.seed),
         restore=lambda ckpt: ckpt.restore(
@@ -486,6 +487,7 @@ def _moe_summary(args, model, history, report_tokens) -> tuple[dict, list[tuple[
     history["moe_expert_bytes_useful"] = useful_expert
     summary = {
         "strategy": strategy.kind,
+        "dispatch": strategy.dispatch_path,
         "load_imbalance_mean": float(np.mean(history["moe_load_imbalance"])),
         "expert_bytes_issued_per_step": issued_expert,
         "expert_bytes_useful_per_step_mean": float(np.mean(useful_expert)),

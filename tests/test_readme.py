@@ -13,7 +13,8 @@ from tests.multiprocess import REPO_ROOT
 def _python_blocks(section: str) -> list[str]:
     text = (REPO_ROOT / "README.md").read_text()
     start = text.index(section)
-    end = text.find("\n## ", start)
+    following = re.search(r"\n#{2,3} ", text[start + len(section) :])
+    end = start + len(section) + following.start() if following else len(text)
     return re.findall(r"```python\n(.*?)```", text[start:end], re.DOTALL)
 
 
@@ -33,3 +34,21 @@ def test_streaming_diloco_block_runs_as_pasted(tmp_path):
     assert len(lines) == 8
     synced = [int(line.split()[2]) for line in lines]
     assert synced == [-1, -1, -1, 0, -1, -1, -1, 1]
+
+
+def test_moe_block_runs_as_pasted(tmp_path):
+    (block,) = _python_blocks("### MoE execution")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    done = subprocess.run(
+        [sys.executable, "-c", block],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 7
+    assert [int(line.split()[0]) for line in lines[:6]] == [1, 2, 3, 4, 5, 6]
+    assert "all-gather" in lines[-1] and "all-to-all" in lines[-1]

@@ -45,7 +45,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from parallel.moe.dispatch import capacity as dispatch_capacity
-from parallel.moe.dispatch import dispatch_combine
+from parallel.moe.dispatch import (
+    dispatch_combine,
+    emulated_ragged_all_to_all,
+    ragged_all_to_all_supported,
+    ragged_dispatch_combine,
+)
 from parallel.moe.experts import grouped_ffn
 from parallel.moe.placement import (
     Placement,
@@ -59,6 +64,7 @@ from parallel.moe.sparse_collectives import sparse_all_gather
 from parallel.rules import DEFAULT_RULES, Rules
 
 STRATEGIES = ("ep", "fsdp", "fssdp")
+DISPATCHES = ("auto", "padded", "ragged", "ragged-emulated")
 _HIDDEN = "moe_hidden"
 
 
@@ -107,8 +113,14 @@ class MoeStrategy:
       remat: free gathered expert weights after the forward, gather again for the backward.
       load_window: ``w``, steps in the load window (fssdp placement).
       current_routing: correct the window with this step's routing before placing.
-      reshard_every: steps between heterogeneous re-shardings (fssdp; 0 = never); the training
-        loop applies it (:mod:`parallel.moe.resharding`).
+      reshard_every: steps between heterogeneous re-shardings (0 = never); the training loop
+        applies it (:mod:`parallel.moe.resharding`).
+      dispatch: the token exchange of ep and fssdp: ``"padded"`` (capacity-padded
+        ``all_to_all``, every backend), ``"ragged"`` (``lax.ragged_all_to_all``: only real rows
+        travel; GPU/TPU), ``"ragged-emulated"`` (the ragged path with the collective emulated
+        by a padded ``all_to_all``, for testing on CPU) or ``"auto"`` (default: ragged where the
+        backend compiles it and no capacity factor is set, else padded).
+        :attr:`dispatch_path` says which runs.
 
     Example:
       >>> mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -126,10 +138,11 @@ class MoeStrategy:
     load_window: int = 5
     current_routing: bool = True
     reshard_every: int = 0
+    dispatch: str = "auto"
 
     def __post_init__(self):
         if self.kind not in STRATEGIES:
-            raise ValueError(f"`strategy` must be one of {STRATEGIES}, got strategy={self.kind!r}")
+            raise ValueError(f"`kind` must be one of {STRATEGIES}, got kind={self.kind!r}")
         axes = self.axis_name if self.axis_name is not None else tuple(self.mesh.axis_names)
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         missing = [a for a in axes if a not in self.mesh.axis_names]
@@ -148,6 +161,28 @@ class MoeStrategy:
             )
         _check_int("load_window", self.load_window, 1)
         _check_int("reshard_every", self.reshard_every, 0)
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(
+                f"`dispatch` must be one of {DISPATCHES}, got dispatch={self.dispatch!r}"
+            )
+        if self.dispatch.startswith("ragged") and self.capacity_factor is not None:
+            raise ValueError(
+                f"`dispatch`={self.dispatch!r} never drops a token copy, so it takes no "
+                f"capacity factor, got capacity_factor={self.capacity_factor}"
+            )
+
+    @property
+    def dispatch_path(self) -> str:
+        """The token exchange that runs: ``"padded"``, ``"ragged"`` or ``"ragged-emulated"``
+        (``"none"`` for fsdp, which moves no tokens)."""
+        if self.kind == "fsdp":
+            return "none"
+        if self.dispatch != "auto":
+            return self.dispatch
+        platform = self.mesh.devices.flat[0].platform
+        if self.capacity_factor is None and ragged_all_to_all_supported(platform):
+            return "ragged"
+        return "padded"
 
     @property
     def num_devices(self) -> int:
@@ -269,14 +304,26 @@ class MoeStrategy:
             ffn = self._maybe_remat(ffn)
             num_slots = num_experts // self.num_devices + self.slots
             dest, where = choose_devices(place, experts, jax.lax.axis_index(axes))
-            rows_per_dest = dispatch_capacity(
-                x.shape[0], top_k, self.num_devices, num_slots, self.capacity_factor
-            )
-            out, computed, sent = dispatch_combine(
-                x, dest, where, gates,
-                lambda rows, slots: ffn(rows, slots, wi, wo),
-                capacity=rows_per_dest, num_slots=num_slots, axis_name=axes,
-            )  # fmt: skip
+            local = lambda rows, slots: ffn(rows, slots, wi, wo)
+            path = self.dispatch_path
+            if path == "padded":
+                rows_per_dest = dispatch_capacity(
+                    x.shape[0], top_k, self.num_devices, num_slots, self.capacity_factor
+                )
+                out, computed, sent = dispatch_combine(
+                    x, dest, where, gates, local,
+                    capacity=rows_per_dest, num_slots=num_slots, axis_name=axes,
+                )  # fmt: skip
+            else:
+                exchange = (
+                    emulated_ragged_all_to_all
+                    if path == "ragged-emulated"
+                    else jax.lax.ragged_all_to_all
+                )
+                out, computed, sent = ragged_dispatch_combine(
+                    x, dest, where, gates, local,
+                    num_slots=num_slots, axis_name=axes, exchange=exchange,
+                )  # fmt: skip
         per_device = num_experts // self.num_devices
         copies = materialized_counts(place, per_device).astype(jnp.float32)
         rows, sent = computed.astype(jnp.float32), sent.astype(jnp.float32)
@@ -288,8 +335,9 @@ class MoeStrategy:
         return jax.checkpoint(ffn, policy=jax.checkpoint_policies.save_only_these_names(_HIDDEN))
 
     def dispatch_capacity(self, tokens_per_device: int, top_k: int, num_experts: int) -> int:
-        """``C``, the rows per destination of this strategy's ``all_to_all`` (0 for fsdp)."""
-        if self.kind == "fsdp":
+        """``C``, the rows per destination of the padded ``all_to_all`` (0 for fsdp and the
+        ragged paths, whose bytes are the routed rows: see the layer's stats)."""
+        if self.dispatch_path != "padded":
             return 0
         num_slots = num_experts // self.num_devices + self.slots
         return dispatch_capacity(
@@ -325,8 +373,9 @@ def expert_wire_bytes(
 def token_wire_bytes(
     strategy: MoeStrategy, tokens_per_device: int, top_k: int, num_experts: int, row_bytes: int
 ) -> dict[str, float]:
-    """``all_to_all`` bytes one device sends per step and MoE layer (forward and backward):
-    four exchanges of ``D * C`` activation rows and one of ``D * C`` int32 slot ids."""
+    """Padded ``all_to_all`` bytes one device sends per step and MoE layer (forward and
+    backward): four exchanges of ``D * C`` activation rows and one of ``D * C`` int32 slot ids
+    (0 for fsdp; the ragged paths move only the routed rows, reported in the layer's stats)."""
     c = strategy.dispatch_capacity(tokens_per_device, top_k, num_experts)
     d = strategy.num_devices
     per_exchange = (d - 1) * c  # rows leaving this device

@@ -25,7 +25,11 @@ from parallel.moe import (
     sparse_wire_bytes,
     token_wire_bytes,
 )
-from parallel.moe.dispatch import capacity
+from parallel.moe.dispatch import (
+    capacity,
+    emulated_ragged_all_to_all,
+    ragged_all_to_all_supported,
+)
 from parallel.moe.routing import Routing
 from tests.parallel import moe_reference as ref
 
@@ -38,6 +42,8 @@ VARIANTS = [
     ("fssdp", {"slots": 8, "remat": True}),
     ("fsdp", {"remat": True}),
     ("ep", {"capacity_factor": 100.0}),  # clipped to the no-drop capacity
+    ("ep", {"dispatch": "ragged-emulated"}),  # the ragged path's offsets, on CPU
+    ("fssdp", {"slots": 4, "dispatch": "ragged-emulated"}),
 ]
 
 
@@ -368,7 +374,7 @@ def test_placement_changes_every_step_without_recompiling(mesh):
 
 def test_bad_strategy_arguments_name_the_argument(mesh):
     cases = [
-        (dict(kind="tp"), "strategy"),
+        (dict(kind="tp"), "kind"),
         (dict(kind="ep", slots=2), "slots"),
         (dict(kind="fssdp", slots=-1), "slots"),
         (dict(kind="ep", capacity_factor=0.0), "capacity_factor"),
@@ -376,6 +382,8 @@ def test_bad_strategy_arguments_name_the_argument(mesh):
         (dict(kind="fssdp", load_window=0), "load_window"),
         (dict(kind="fssdp", reshard_every=-1), "reshard_every"),
         (dict(kind="ep", axis_name="model"), "axis_name"),
+        (dict(kind="ep", dispatch="nccl"), "dispatch"),
+        (dict(kind="ep", dispatch="ragged", capacity_factor=1.0), "capacity_factor"),
     ]
     for kwargs, name in cases:
         with pytest.raises(ValueError, match=name):
@@ -398,3 +406,38 @@ def test_explicit_axis_mesh(devices):
     r = Routing(*(jax.device_put(a, NamedSharding(mesh, P("data"))) for a in routing))
     out, _ = jax.jit(strategy.layer)(sharded[0], r, *sharded[1:], strategy.init_layer_state(E))
     assert _rel(out, _dense(x, routing, wi, wo)) <= 1e-5
+
+
+def test_emulated_ragged_all_to_all_follows_the_documented_example(devices):
+    """The example of ``jax.lax.ragged_all_to_all``'s docstring, on 2 devices."""
+    mesh = make_mesh({"x": 2}, devices=devices[:2])
+    a = lambda *rows: jnp.asarray(rows, jnp.int32)
+    operand = a([1, 2, 2], [3, 4, 0])
+    output = a([0, 0, 0, 0], [0, 0, 0, 0])
+    input_offsets = a([0, 1], [0, 1])
+    send_sizes = a([1, 2], [1, 1])
+    output_offsets = a([0, 0], [1, 2])
+    recv_sizes = a([1, 1], [2, 1])
+
+    def body(*args):
+        return emulated_ragged_all_to_all(*(x[0] for x in args), axis_name="x")[None]
+
+    spec = P("x")
+    run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec))
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))
+    result = run(
+        *map(put, (operand, output, input_offsets, send_sizes, output_offsets, recv_sizes))
+    )
+    assert np.asarray(result).tolist() == [[1, 3, 0, 0], [2, 2, 4, 0]]
+
+
+def test_dispatch_is_padded_on_cpu_and_the_ragged_program_differentiates(mesh):
+    assert not ragged_all_to_all_supported("cpu")  # XLA:CPU: UNIMPLEMENTED
+    assert MoeStrategy("ep", mesh).dispatch_path == "padded"
+    assert MoeStrategy("fsdp", mesh).dispatch_path == "none"
+    ragged = MoeStrategy("fssdp", mesh, slots=8, dispatch="ragged")
+    assert ragged.dispatch_path == "ragged"
+    program, args = _grad_program(ragged)
+    jaxpr = str(jax.make_jaxpr(program)(*args))  # traced, not compiled (no CPU kernel)
+    # forward: rows, slot ids, results back; backward: the transposes of the two float ones
+    assert jaxpr.count("ragged_all_to_all[") == 5
