@@ -448,7 +448,8 @@ def _moe_run(args, model, tx, mesh) -> _Run:
         knobs += f", reshard every {args.reshard_every}"
     if strategy.remat:
         knobs += ", remat"
-    knobs += f"; tokens: {strategy.dispatch_path} all_to_all"
+    path = strategy.dispatch_path
+    knobs += "; tokens stay local" if path == "none" else f"; tokens: {path} all_to_all"
     return _Run(
         init=lambda: moe_train.init_moe_train_state(model, tx, shardings, seed=args.seed),
         restore=lambda ckpt: ckpt.restore(
