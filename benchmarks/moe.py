@@ -19,8 +19,10 @@ popularity (uniform, Zipf, Dirichlet; the popular experts are random ids): each 
   and traffic fractions, assumptions printed.
 
 FSSDP variants: ``m = D`` slots (each device broadcasts its hottest expert, everyone keeps all:
-Algorithm 1's "replicate the top-t everywhere" with t = D), ownership re-sharded by Algorithm 2
-from the popularity (the steady state of a run that re-shards), and without re-sharding.
+Algorithm 1's "replicate the top-t everywhere" with t = D, by ``all_gather``), ownership
+re-sharded by Algorithm 2 from the popularity (the steady state of a run that re-shards), and
+without re-sharding; ``m = D/2`` and ``m = D/4`` (the top-m experts copied everywhere by one
+all-reduce, t = m < D).
 
 Writes ``benchmarks/out/moe.json`` and prints a table.
 """
@@ -80,6 +82,8 @@ def strategies(mesh, devices):
         "fssdp no reshard": (MoeStrategy("fssdp", mesh, slots=devices), False),
         "fssdp": (MoeStrategy("fssdp", mesh, slots=devices), True),
         "fssdp remat": (MoeStrategy("fssdp", mesh, slots=devices, remat=True), True),
+        "fssdp m=4 all-reduce": (MoeStrategy("fssdp", mesh, slots=devices // 2), True),
+        "fssdp m=2 all-reduce": (MoeStrategy("fssdp", mesh, slots=devices // 4), True),
     }
 
 
@@ -121,10 +125,16 @@ def measure(name, strategy, reshard, routing_np, popular, weights, args):
     expert = expert_wire_bytes(strategy, e, expert_bytes)
     tokens = token_wire_bytes(strategy, args.tokens_per_device, args.top_k, e, d * 4)
     wire = report.wire_bytes()
+    n_dev = strategy.num_devices
+    counts = 2 * (n_dev - 1) / n_dev * e * 4 if strategy.kind == "fssdp" else 0.0
     return {
         "strategy": name,
         "wire_bytes": wire,
-        "expert_bytes_issued": wire["all-gather"] + wire["reduce-scatter"],
+        # from the HLO: gathers, reduce-scatters and all-reduces, less fssdp's [E] counts psum
+        "expert_bytes_issued": wire["all-gather"]
+        + wire["reduce-scatter"]
+        + wire["all-reduce"]
+        - counts,
         "expert_bytes_formula": sum(expert.values()),
         "expert_bytes_useful": 2 * float(np.mean(np.asarray(stats.copies))) * expert_bytes,
         "all_experts_bytes": e * expert_bytes,
@@ -144,9 +154,11 @@ def projection(results, tokens_per_gpu=(4096, 16384)) -> dict:
     """Step-time ratios at GPT-MoE-S scale from the measured balance and traffic fractions.
 
     Per MoE layer and GPU: attention (fwd+bwd) + expert compute scaled by the measured max/mean
-    load + communication over the cross-node link (no overlap, except that FSSDP's sparse
-    all-gather hides behind the attention block as Hecate schedules it). FSSDP as implemented
-    here: each GPU broadcasts c = 1 expert per layer (m = D slots), so every GPU receives D - 1.
+    load + communication over the cross-node link (no overlap, except that FSSDP's forward
+    expert copy hides behind the attention block as Hecate schedules it). FSSDP variants, each
+    with the balance measured for the same fraction of copied experts: ``all_gather`` with c = 1
+    (every GPU receives D - 1 = 31 experts per layer; measured at m = D), and ``all_reduce`` of
+    the top t = E/8 and E/16 experts (measured at m = D/2 and D/4 with E = 32).
     """
     d, f, layers, experts, gpus = 768, 1536, 12, 64, 32
     rate = 125e12  # FLOP/s per A100 (40% of the 312 TFLOP/s bf16 peak)
@@ -154,6 +166,12 @@ def projection(results, tokens_per_gpu=(4096, 16384)) -> dict:
     crossing = 3 / 4  # 4 nodes: 3/4 of the peers are on another node
     itemsize = 2
     expert = 2 * d * f * itemsize
+    allreduce = lambda t: 2 * (gpus - 1) / gpus * t * expert * crossing / link
+    copies = {  # (measured variant, forward copy seconds, backward seconds)
+        "fssdp all_gather c=1": ("fssdp", (gpus - 1) * expert * crossing / link),
+        "fssdp all_reduce t=8": ("fssdp m=4 all-reduce", allreduce(experts // 8)),
+        "fssdp all_reduce t=4": ("fssdp m=2 all-reduce", allreduce(experts // 16)),
+    }
     out = {
         "assumptions": {
             "model": "GPT-MoE-S: d 768, d_ff 1536, 12 layers, 64 experts, top-2, bf16, seq 1024",
@@ -161,8 +179,8 @@ def projection(results, tokens_per_gpu=(4096, 16384)) -> dict:
             "compute_flops_per_s": rate,
             "cross_node_bytes_per_s_per_gpu": link,
             "crossing_fraction": crossing,
-            "overlap": "FSSDP's sparse all-gather hidden behind the attention block (Hecate's "
-            "overlap degree); all-to-all, reduce-scatter and FSDP gathers not overlapped",
+            "overlap": "FSSDP's forward expert copy hidden behind the attention block (Hecate's "
+            "overlap degree); all-to-all, gradient reductions and FSDP gathers not overlapped",
             "from_measurement": "max/mean load and the fraction of token copies sent away, per "
             "skew and strategy, measured at 8 devices / 32 experts",
         }
@@ -170,23 +188,28 @@ def projection(results, tokens_per_gpu=(4096, 16384)) -> dict:
     for tokens in tokens_per_gpu:
         attention = tokens * 3 * (8 * d * d + 4 * 1024 * d) / rate
         moe_flops = tokens * 2 * 3 * 4 * d * f
+
+        def seconds(r, comm, tokens=tokens, attention=attention, moe_flops=moe_flops):
+            compute = r["imbalance"] * moe_flops / rate
+            a2a = r["imbalance"] * 4 * r["sent_fraction"] * 2 * tokens * d * itemsize
+            return layers * (attention + compute + a2a * crossing / link + comm)
+
         for skew, rows in results.items():
             by = {r["strategy"]: r for r in rows}
-            times = {}
-            for name in ("ep", "fsdp", "fssdp"):
-                r = by[name]
-                compute = r["imbalance"] * moe_flops / rate
-                a2a = r["imbalance"] * 4 * r["sent_fraction"] * 2 * tokens * d * itemsize
-                comm = a2a * crossing / link
-                if name == "fsdp":
-                    comm = 3 * (gpus - 1) / gpus * experts * expert * crossing / link
-                if name == "fssdp":
-                    gather = (gpus - 1) * expert * crossing / link
-                    comm += gather + max(0.0, gather - attention)  # reduce-scatter + unhidden
-                times[name] = layers * (attention + compute + comm)
+            times = {
+                "ep": seconds(by["ep"], 0.0),
+                "fsdp": layers
+                * (attention + moe_flops / rate + 3 * (gpus - 1) / gpus * experts * expert
+                   * crossing / link),
+            }  # fmt: skip
+            for name, (measured, copy) in copies.items():
+                times[name] = seconds(by[measured], copy + max(0.0, copy - attention))
+            best = min(copies, key=times.get)
             out[f"{skew}, {tokens} tokens/GPU"] = {
-                "fssdp_speedup_over_ep": times["ep"] / times["fssdp"],
-                "fssdp_speedup_over_fsdp": times["fsdp"] / times["fssdp"],
+                "best_fssdp": best,
+                "fssdp_speedup_over_ep": times["ep"] / times[best],
+                "fssdp_speedup_over_fsdp": times["fsdp"] / times[best],
+                "speedup_over_ep_by_variant": {n: times["ep"] / times[n] for n in copies},
                 "step_seconds": times,
             }
     return out
@@ -236,7 +259,10 @@ def main(argv=None):
         if key != "assumptions":
             print(
                 f"projection {key:>30}: FSSDP {p['fssdp_speedup_over_ep']:.2f}x over EP, "
-                f"{p['fssdp_speedup_over_fsdp']:.2f}x over FSDP"
+                f"{p['fssdp_speedup_over_fsdp']:.2f}x over FSDP ({p['best_fssdp']}; by "
+                f"variant over EP: "
+                + ", ".join(f"{v:.2f}" for v in p["speedup_over_ep_by_variant"].values())
+                + ")"
             )
     record = {
         "machine": machine(),

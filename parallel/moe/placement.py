@@ -15,6 +15,11 @@ shapes. The expert axis ``[E, ...]`` is stored in *owner order*: row ``r`` holds
 
 Everything is ``jnp`` on small integer tables, so the placement changes every step inside one
 compiled program. With ``m = 0`` this is plain expert parallelism (:func:`owner_placement`).
+
+When ``m < D`` a broadcast of one expert per device moves more than the ``m`` slots keep, so
+:func:`plan_replication` gives the other form of the paper's "replicate the top-t experts on
+every device" (t = m): the ``m`` most loaded experts, wherever they are owned, copied to every
+device by one all-reduce (:func:`parallel.moe.sparse_collectives.replicate_rows`).
 """
 
 from __future__ import annotations
@@ -108,6 +113,29 @@ def plan_placement(
         chunk = jnp.searchsorted(edges, position, side="right").astype(jnp.int32)
         recv = jnp.minimum(chunk, width - 1).reshape(slots, num_devices).T
     holds, slot = _tables(order, num_devices, sent_expert[recv])
+    return Placement(send, recv, holds, slot)
+
+
+def plan_replication(loads: jax.Array, order: jax.Array, num_devices: int, slots: int) -> Placement:
+    """The ``slots`` most loaded experts copied to every device (Algorithm 1 with t = m).
+
+    Returns a :class:`Placement` whose ``send [D, m]`` holds, on every device, the global stored
+    rows of those experts (what :func:`~parallel.moe.sparse_collectives.replicate_rows` reads)
+    and ``recv [D, m]`` is ``0..m-1`` (slot ``j`` holds the ``j``-th of them).
+
+    Example:
+      >>> p = plan_replication(jnp.array([1.0, 9, 1, 5]), jnp.array([3, 2, 1, 0]), 2, slots=2)
+      >>> p.send[0].tolist(), p.holds[:, 1].tolist()
+      ([2, 0], [True, True])
+    """
+    if slots == 0:
+        return owner_placement(order, num_devices)
+    loads = jax.lax.stop_gradient(loads).astype(jnp.float32)
+    hot = jax.lax.top_k(loads, slots)[1].astype(jnp.int32)
+    rows = jnp.argsort(order).astype(jnp.int32)[hot]
+    send = jnp.broadcast_to(rows, (num_devices, slots))
+    recv = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (num_devices, slots))
+    holds, slot = _tables(order, num_devices, jnp.broadcast_to(hot, (num_devices, slots)))
     return Placement(send, recv, holds, slot)
 
 

@@ -23,6 +23,12 @@ broadcast chunk (``m = D * c``, Hecate's "replicate the top experts everywhere")
 wasted; otherwise ``D * c - m`` chunks a device receives are not kept.
 
 Both functions run inside ``jax.shard_map`` over ``axis_name`` (a mesh axis name or a tuple).
+
+When fewer chunks must travel than there are devices (``m < D``: the ``m`` hottest experts copied
+everywhere), :func:`replicate_rows` does it with one all-reduce of an ``[m, ...]`` buffer that only
+the owners fill: ``2 (D - 1) / D * m * s`` bytes per device, about twice the ``m s`` it delivers,
+instead of the ``(D - 1) s`` of a broadcast of one chunk per device. Its gradient is again an
+all-reduce, each owner keeping the sums of its rows.
 """
 
 from __future__ import annotations
@@ -88,6 +94,31 @@ def sparse_reduce_scatter(
     buffer = jnp.zeros((width, *copies.shape[1:]), copies.dtype).at[recv].add(copies)
     mine = jax.lax.psum_scatter(buffer, axis_name, scatter_dimension=0, tiled=True)
     return jnp.zeros((num_local, *copies.shape[1:]), copies.dtype).at[send].add(mine)
+
+
+def replicate_rows(
+    local: jax.Array, rows: jax.Array, axis_name: str | tuple[str, ...]
+) -> jax.Array:
+    """Copies of the global rows ``rows [m]`` (``row // El`` owns row ``row``) on every device:
+    ``[El, ...]`` owned chunks -> ``[m, ...]``, by one ``psum`` of a buffer each owner fills with
+    its rows (zeros elsewhere). Differentiable: the gradient sums every device's cotangents
+    (another all-reduce) and each owner keeps its rows'."""
+    per_device = local.shape[0]
+    mine = rows // per_device == jax.lax.axis_index(axis_name)
+    picked = jnp.take(local, rows % per_device, axis=0)
+    mask = mine.reshape(-1, *[1] * (local.ndim - 1))
+    return jax.lax.psum(jnp.where(mask, picked, jnp.zeros_like(picked)), axis_name)
+
+
+def replicated_wire_bytes(num_devices: int, rows: int, chunk_bytes: int) -> float:
+    """Bytes one device sends in one :func:`replicate_rows` (a ring all-reduce of ``rows``
+    chunks): ``2 (D - 1) / D * rows * chunk_bytes``.
+
+    Example:
+      >>> replicated_wire_bytes(8, 2, 1024)
+      3584.0
+    """
+    return 2 * (num_devices - 1) / num_devices * rows * chunk_bytes
 
 
 def sparse_wire_bytes(num_devices: int, send_per_device: int, chunk_bytes: int) -> int:

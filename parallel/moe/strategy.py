@@ -58,13 +58,19 @@ from parallel.moe.placement import (
     materialized_counts,
     owner_placement,
     plan_placement,
+    plan_replication,
 )
 from parallel.moe.routing import Routing, expert_counts
-from parallel.moe.sparse_collectives import sparse_all_gather
+from parallel.moe.sparse_collectives import (
+    replicate_rows,
+    replicated_wire_bytes,
+    sparse_all_gather,
+)
 from parallel.rules import DEFAULT_RULES, Rules
 
 STRATEGIES = ("ep", "fsdp", "fssdp")
 DISPATCHES = ("auto", "padded", "ragged", "ragged-emulated")
+MATERIALIZE = ("auto", "all_gather", "all_reduce")
 _HIDDEN = "moe_hidden"
 
 
@@ -121,6 +127,11 @@ class MoeStrategy:
         by a padded ``all_to_all``, for testing on CPU) or ``"auto"`` (default: ragged where the
         backend compiles it and no capacity factor is set, else padded).
         :attr:`dispatch_path` says which runs.
+      materialize: how fssdp copies experts: ``"all_gather"`` (each device broadcasts its
+        ``c = ceil(m / D)`` hottest owned experts, every device keeps ``m`` of the ``D c``:
+        :func:`sparse_all_gather`), ``"all_reduce"`` (the ``m`` hottest experts copied to every
+        device by one all-reduce: :func:`~parallel.moe.sparse_collectives.replicate_rows`,
+        for ``m < D``) or ``"auto"`` (default: all_gather when ``m >= D``, else all_reduce).
 
     Example:
       >>> mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -139,6 +150,7 @@ class MoeStrategy:
     current_routing: bool = True
     reshard_every: int = 0
     dispatch: str = "auto"
+    materialize: str = "auto"
 
     def __post_init__(self):
         if self.kind not in STRATEGIES:
@@ -165,6 +177,10 @@ class MoeStrategy:
             raise ValueError(
                 f"`dispatch` must be one of {DISPATCHES}, got dispatch={self.dispatch!r}"
             )
+        if self.materialize not in MATERIALIZE:
+            raise ValueError(
+                f"`materialize` must be one of {MATERIALIZE}, got materialize={self.materialize!r}"
+            )
         if self.dispatch.startswith("ragged") and self.capacity_factor is not None:
             raise ValueError(
                 f"`dispatch`={self.dispatch!r} never drops a token copy, so it takes no "
@@ -189,8 +205,20 @@ class MoeStrategy:
         return math.prod(self.mesh.shape[a] for a in self.axis_name)
 
     @property
+    def materialize_path(self) -> str:
+        """``"all_gather"``, ``"all_reduce"`` or ``"none"`` (ep, fsdp, or no slots)."""
+        if self.kind != "fssdp" or self.slots == 0:
+            return "none"
+        if self.materialize != "auto":
+            return self.materialize
+        return "all_gather" if self.slots >= self.num_devices else "all_reduce"
+
+    @property
     def send_per_device(self) -> int:
-        """``c = ceil(m / D)``: experts each device broadcasts per layer and step."""
+        """``c = ceil(m / D)``: experts each device broadcasts per layer and step (all_gather;
+        0 otherwise)."""
+        if self.materialize_path != "all_gather":
+            return 0
         return -(-self.slots // self.num_devices)
 
     def check(self, num_experts: int, top_k: int) -> None:
@@ -214,8 +242,12 @@ class MoeStrategy:
 
     @property
     def hot_experts(self) -> int:
-        """``D * c``: experts broadcast per layer and step (what re-sharding spreads)."""
-        return self.num_devices * self.send_per_device if self.kind == "fssdp" else 0
+        """Experts copied per layer and step, what re-sharding spreads over the owners: ``D c``
+        (all_gather), ``m`` (all_reduce), 0 (no copies)."""
+        path = self.materialize_path
+        if path == "all_gather":
+            return self.num_devices * self.send_per_device
+        return self.slots if path == "all_reduce" else 0
 
     def init_layer_state(self, num_experts: int) -> MoeLayerState:
         """Identity owner order and an empty load window."""
@@ -231,13 +263,16 @@ class MoeStrategy:
 
     def placement(self, state: MoeLayerState, counts: jax.Array) -> Placement:
         """This step's placement (owner-only for ep and fsdp)."""
-        if self.kind != "fssdp" or self.slots == 0:
+        path = self.materialize_path
+        if path == "none":
             return owner_placement(state.order, self.num_devices)
         window = jnp.sum(state.loads, axis=0)
         if self.current_routing:
             loads = (window + counts) / (self.load_window + 1)
         else:
             loads = window / self.load_window
+        if path == "all_reduce":
+            return plan_replication(loads, state.order, self.num_devices, self.slots)
         return plan_placement(
             loads, state.order, self.num_devices, self.slots, self.send_per_device
         )
@@ -293,12 +328,15 @@ class MoeStrategy:
             computed = jnp.full((1,), n * top_k, jnp.int32)
             sent = jnp.zeros((1,), jnp.int32)
         else:
-            materialize = self.kind == "fssdp" and self.slots > 0
+            copies = self.materialize_path
 
             def ffn(rows, slots, wi, wo):
-                if materialize:
+                if copies == "all_gather":
                     wi = jnp.concatenate([wi, sparse_all_gather(wi, send, recv, axes)])
                     wo = jnp.concatenate([wo, sparse_all_gather(wo, send, recv, axes)])
+                elif copies == "all_reduce":
+                    wi = jnp.concatenate([wi, replicate_rows(wi, send, axes)])
+                    wo = jnp.concatenate([wo, replicate_rows(wo, send, axes)])
                 return grouped_ffn(rows, slots, wi, wo, dtype, name=_HIDDEN)
 
             ffn = self._maybe_remat(ffn)
@@ -357,17 +395,22 @@ def expert_wire_bytes(
 
     fsdp: an all-gather of all ``E`` experts (again in the backward with remat) and a
     reduce-scatter of their gradients; fssdp: a :func:`sparse_all_gather` and a
-    :func:`sparse_reduce_scatter` of ``c`` experts per device; ep: nothing.
+    :func:`sparse_reduce_scatter` of ``c`` experts per device (all_gather), or an all-reduce of
+    the ``m`` copied experts forward and one of their gradients (all_reduce); ep: nothing.
     """
     d = strategy.num_devices
     gathers = 2 if strategy.remat else 1
+    path = strategy.materialize_path
+    if path == "all_reduce":
+        moved = replicated_wire_bytes(d, strategy.slots, expert_bytes)
+        return {"all-gather": 0.0, "reduce-scatter": 0.0, "all-reduce": (gathers + 1) * moved}
     if strategy.kind == "fsdp":
         moved = num_experts * expert_bytes * (d - 1) / d
-    elif strategy.kind == "fssdp" and strategy.slots:
+    elif path == "all_gather":
         moved = (d - 1) * strategy.send_per_device * expert_bytes
     else:
         moved = 0.0
-    return {"all-gather": gathers * moved, "reduce-scatter": moved}
+    return {"all-gather": gathers * moved, "reduce-scatter": moved, "all-reduce": 0.0}
 
 
 def token_wire_bytes(

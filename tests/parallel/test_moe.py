@@ -18,7 +18,10 @@ from parallel.moe import (
     balanced_order,
     expert_wire_bytes,
     plan_placement,
+    plan_replication,
     reorder_index,
+    replicate_rows,
+    replicated_wire_bytes,
     route,
     sparse_all_gather,
     sparse_reduce_scatter,
@@ -38,7 +41,9 @@ VARIANTS = [
     ("ep", {}),
     ("fsdp", {}),
     ("fssdp", {"slots": 8}),  # m = D * c: the top experts replicated everywhere
-    ("fssdp", {"slots": 4}),  # m < D * c: slots dealt in proportion to load
+    ("fssdp", {"slots": 4, "materialize": "all_gather"}),  # m < D c: slots dealt by load
+    ("fssdp", {"slots": 3}),  # m < D: the top-3 copied everywhere by an all-reduce
+    ("fssdp", {"slots": 2, "remat": True}),
     ("fssdp", {"slots": 8, "remat": True}),
     ("fsdp", {"remat": True}),
     ("ep", {"capacity_factor": 100.0}),  # clipped to the no-drop capacity
@@ -306,12 +311,14 @@ def _grad_program(strategy, num_experts=E):
 
 
 @pytest.mark.parametrize(
-    ("kind", "slots", "num_experts"),
-    [("ep", 0, 16), ("fsdp", 0, 16), ("fsdp", 0, 32), ("fssdp", 8, 16), ("fssdp", 8, 32),
-     ("fssdp", 16, 32), ("fssdp", 4, 16)],
+    ("kind", "knobs", "num_experts"),
+    [("ep", {}, 16), ("fsdp", {}, 16), ("fsdp", {}, 32), ("fssdp", {"slots": 8}, 16),
+     ("fssdp", {"slots": 8}, 32), ("fssdp", {"slots": 16}, 32),
+     ("fssdp", {"slots": 4, "materialize": "all_gather"}, 16), ("fssdp", {"slots": 2}, 16),
+     ("fssdp", {"slots": 2}, 32)],
 )  # fmt: skip
-def test_wire_bytes_of_the_compiled_step_equal_the_formulas(mesh, kind, slots, num_experts):
-    strategy = MoeStrategy(kind, mesh, slots=slots)
+def test_wire_bytes_of_the_compiled_step_equal_the_formulas(mesh, kind, knobs, num_experts):
+    strategy = MoeStrategy(kind, mesh, **knobs)
     program, args = _grad_program(strategy, num_experts)
     wire = analyze(program, *args).wire_bytes()
     expert_bytes = 2 * D_MODEL * D_FF * 4
@@ -320,15 +327,18 @@ def test_wire_bytes_of_the_compiled_step_equal_the_formulas(mesh, kind, slots, n
     assert wire["all-gather"] == expert["all-gather"]
     assert wire["reduce-scatter"] == expert["reduce-scatter"]
     assert wire["all-to-all"] == tokens["all-to-all"]
-    # the only other traffic: fssdp's all-reduce of the [E] counts its placement reads
-    counts = 2 * num_experts * 4 * 7 / 8 if kind == "fssdp" and slots else 0.0
-    assert wire["all-reduce"] == counts
+    # besides the experts, only fssdp's all-reduce of the [E] counts its placement reads
+    counts = 2 * num_experts * 4 * 7 / 8 if kind == "fssdp" else 0.0
+    assert wire["all-reduce"] == pytest.approx(expert["all-reduce"] + counts, rel=1e-12)
     if kind == "ep":
-        assert expert == {"all-gather": 0.0, "reduce-scatter": 0.0}
+        assert set(expert.values()) == {0.0}
     if kind == "fsdp":
         assert wire["all-gather"] == num_experts * expert_bytes * 7 / 8  # all of them
-    if kind == "fssdp":  # c = ceil(m / D) experts per device, whatever E is
-        assert wire["all-gather"] == sparse_wire_bytes(8, -(-slots // 8), expert_bytes)
+    if strategy.materialize_path == "all_gather":  # c = ceil(m / D) per device, whatever E is
+        c = -(-knobs["slots"] // 8)
+        assert wire["all-gather"] == sparse_wire_bytes(8, c, expert_bytes)
+    if strategy.materialize_path == "all_reduce":  # m experts, forward and backward
+        assert expert["all-reduce"] == 2 * replicated_wire_bytes(8, knobs["slots"], expert_bytes)
 
 
 def test_remat_gathers_the_experts_again_for_the_backward(mesh):
@@ -383,6 +393,7 @@ def test_bad_strategy_arguments_name_the_argument(mesh):
         (dict(kind="fssdp", reshard_every=-1), "reshard_every"),
         (dict(kind="ep", axis_name="model"), "axis_name"),
         (dict(kind="ep", dispatch="nccl"), "dispatch"),
+        (dict(kind="fssdp", slots=2, materialize="broadcast"), "materialize"),
         (dict(kind="ep", dispatch="ragged", capacity_factor=1.0), "capacity_factor"),
     ]
     for kwargs, name in cases:
@@ -441,3 +452,38 @@ def test_dispatch_is_padded_on_cpu_and_the_ragged_program_differentiates(mesh):
     jaxpr = str(jax.make_jaxpr(program)(*args))  # traced, not compiled (no CPU kernel)
     # forward: rows, slot ids, results back; backward: the transposes of the two float ones
     assert jaxpr.count("ragged_all_to_all[") == 5
+
+
+def test_replicate_rows_copies_everywhere_and_sums_gradients_onto_owners(mesh):
+    rng = np.random.default_rng(5)
+    chunks = rng.normal(size=(16, 3)).astype(np.float32)  # 2 rows per device
+    rows = np.array([13, 2, 7], np.int32)
+    cotangent = rng.normal(size=(8 * 3, 3)).astype(np.float32)  # per device, per copy
+
+    def body(x, rows):
+        return replicate_rows(x, rows[0], "data")
+
+    rows_per_device = np.broadcast_to(rows, (8, 3))
+    run = _shard_map(mesh, body, 2)
+    args = _put(mesh, chunks, rows_per_device)
+    out = np.asarray(run(*args)).reshape(8, 3, 3)
+    np.testing.assert_array_equal(out, np.broadcast_to(chunks[rows], (8, 3, 3)))
+    _, vjp = jax.vjp(lambda x: run(x, args[1]), args[0])
+    (grad,) = vjp(jax.device_put(cotangent, NamedSharding(mesh, P("data"))))
+    expected = np.zeros_like(chunks)
+    np.add.at(expected, np.tile(rows, 8), cotangent)
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_replication_holds_the_top_experts_everywhere(mesh):
+    loads = jnp.asarray(np.random.default_rng(6).permutation(E) + 1.0, jnp.float32)
+    order = jnp.asarray(np.random.default_rng(7).permutation(E), jnp.int32)
+    place = plan_replication(loads, order, 8, slots=3)
+    top = np.argsort(-np.asarray(loads))[:3]
+    holds = np.asarray(place.holds)
+    assert holds[:, top].all()
+    assert holds.sum() == E + 3 * 8 - 3  # owners already hold their own
+    stored = np.asarray(order)[np.asarray(place.send[0])]
+    assert stored.tolist() == top.tolist()  # the rows to copy hold the top experts
+    assert MoeStrategy("fssdp", mesh, slots=3).materialize_path == "all_reduce"
+    assert MoeStrategy("fssdp", mesh, slots=8).materialize_path == "all_gather"
