@@ -439,11 +439,12 @@ def _moe_run(args, model, tx, mesh) -> _Run:
         return train_step(state, batch)
 
     knobs = f"{strategy.kind}: {args.experts} experts, top-{args.top_k}"
+    if strategy.materialize_path == "all_gather":
+        knobs += f", m={strategy.slots} slots (c={strategy.send_per_device} sent per device)"
+    elif strategy.materialize_path == "all_reduce":
+        knobs += f", m={strategy.slots} slots (top-{strategy.slots} copied by all-reduce)"
     if strategy.kind == "fssdp":
-        knobs += (
-            f", m={strategy.slots} slots (c={strategy.send_per_device} sent per device), "
-            f"window {strategy.load_window}"
-        )
+        knobs += f", window {strategy.load_window}"
     if args.reshard_every:
         knobs += f", reshard every {args.reshard_every}"
     if strategy.remat:

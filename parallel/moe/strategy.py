@@ -26,11 +26,15 @@ placement changes every step inside one compiled program. ``remat=True`` frees t
 (fsdp: gathered) weights after the forward and gathers them again for the backward
 (``jax.checkpoint`` saving only the expert hidden activations).
 
+With ``m < D`` slots, fssdp copies the ``m`` hottest experts to every device with one all-reduce
+instead (``materialize="all_reduce"``: :func:`~parallel.moe.sparse_collectives.replicate_rows`).
+
 Per device per step and layer, with ``s`` the bytes of one expert (``wi`` and ``wo``) and ``C``
 the dispatch capacity (:func:`expert_wire_bytes` gives the exact figures the tests check against
 the compiled HLO): fsdp moves ``2 (D-1)/D E s`` (``3`` with remat), fssdp ``2 (D-1) c s`` (``3``
-with remat), ep none; ep and fssdp move ``4 (D-1) C d`` activation bytes plus ``(D-1) C 4`` of
-slot ids in their ``all_to_all``.
+with remat; all_reduce: ``2 x 2 (D-1)/D m s``), ep none; ep and fssdp move ``4 (D-1) C d``
+activation bytes plus ``(D-1) C 4`` of slot ids in their padded ``all_to_all`` (the ragged
+dispatch moves only the routed rows).
 """
 
 from __future__ import annotations
@@ -328,13 +332,13 @@ class MoeStrategy:
             computed = jnp.full((1,), n * top_k, jnp.int32)
             sent = jnp.zeros((1,), jnp.int32)
         else:
-            copies = self.materialize_path
+            mode = self.materialize_path
 
             def ffn(rows, slots, wi, wo):
-                if copies == "all_gather":
+                if mode == "all_gather":
                     wi = jnp.concatenate([wi, sparse_all_gather(wi, send, recv, axes)])
                     wo = jnp.concatenate([wo, sparse_all_gather(wo, send, recv, axes)])
-                elif copies == "all_reduce":
+                elif mode == "all_reduce":
                     wi = jnp.concatenate([wi, replicate_rows(wi, send, axes)])
                     wo = jnp.concatenate([wo, replicate_rows(wo, send, axes)])
                 return grouped_ffn(rows, slots, wi, wo, dtype, name=_HIDDEN)
@@ -363,9 +367,9 @@ class MoeStrategy:
                     num_slots=num_slots, axis_name=axes, exchange=exchange,
                 )  # fmt: skip
         per_device = num_experts // self.num_devices
-        copies = materialized_counts(place, per_device).astype(jnp.float32)
+        held = materialized_counts(place, per_device).astype(jnp.float32)
         rows, sent = computed.astype(jnp.float32), sent.astype(jnp.float32)
-        return out.reshape(shape), MoeLayerStats(counts, rows, sent, copies)
+        return out.reshape(shape), MoeLayerStats(counts, rows, sent, held)
 
     def _maybe_remat(self, ffn):
         if not self.remat:
