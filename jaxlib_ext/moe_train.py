@@ -33,7 +33,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlib_ext.layouts import PermuteAxis
-from jaxlib_ext.train import TrainState, train_state_shardings
+from jaxlib_ext.train import (
+    TrainState,
+    apply_optimizer,
+    init_train_state,
+    train_state_shardings,
+)
 from parallel.moe.resharding import balanced_order, reorder_index
 from parallel.rules import path_names, state_param_paths
 
@@ -72,11 +77,9 @@ def init_moe_train_state(
     model: Any, tx: optax.GradientTransformation, shardings: MoeTrainState, *, seed: int = 0
 ) -> MoeTrainState:
     """A fresh state in its shardings: identity owner order, empty load windows."""
-    params = jax.jit(model.init, static_argnums=0, out_shardings=shardings.params)(int(seed))
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    base = init_train_state(model, tx, shardings, seed=seed)
     moe = jax.device_put(model.init_moe_state(), shardings.moe)
-    return MoeTrainState(step, params, opt_state, moe)
+    return MoeTrainState(base.step, base.params, base.opt_state, moe)
 
 
 def abstract_moe_train_state(
@@ -133,25 +136,14 @@ def make_moe_train_step(
     def step(state: MoeTrainState, batch: jax.Array):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (ce, aux, stats)), grads = grad_fn(state.params, batch, state.moe)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, metrics = apply_optimizer(tx, state, grads, loss, batch)
         moe = {
             "blocks": {
                 i: {"mlp": strategy.next_layer_state(layer["mlp"], stats["blocks"][i]["mlp"])}
                 for i, layer in state.moe["blocks"].items()
             }
         }
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "update_norm": optax.tree.norm(updates),
-            "param_norm": optax.tree.norm(params),
-            "tokens": jnp.asarray(batch.shape[0] * (batch.shape[1] - 1), jnp.int32),
-            "cross_entropy": ce,
-            "aux_loss": aux,
-            **moe_metrics(stats),
-        }
+        metrics = {**metrics, "cross_entropy": ce, "aux_loss": aux, **moe_metrics(stats)}
         return MoeTrainState(state.step + 1, params, opt_state, moe), metrics
 
     return jax.jit(

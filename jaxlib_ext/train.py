@@ -151,21 +151,8 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: jax.Array):
         (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        # optax's own transforms mix Python floats with int32 counters (``b1 ** count``), which
-        # jax_numpy_dtype_promotion="strict" rejects; the user's transform runs under standard
-        # promotion whatever the global setting (the model and loss stay under the user's).
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "update_norm": optax.tree.norm(updates),
-            "param_norm": optax.tree.norm(params),
-            "tokens": jnp.asarray(batch.shape[0] * (batch.shape[1] - 1), jnp.int32),
-            **extra,
-        }
-        return TrainState(state.step + 1, params, opt_state), metrics
+        params, opt_state, metrics = apply_optimizer(tx, state, grads, loss, batch)
+        return TrainState(state.step + 1, params, opt_state), {**metrics, **extra}
 
     return jax.jit(
         train_step,
@@ -173,3 +160,25 @@ def make_train_step(
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
+
+
+def apply_optimizer(
+    tx: optax.GradientTransformation, state: Any, grads: Any, loss: jax.Array, batch: jax.Array
+) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """One optimizer update of ``state.params`` / ``state.opt_state`` from ``grads``, inside a
+    jitted step: ``(params, opt_state, metrics)`` with ``loss``, ``grad_norm``, ``update_norm``,
+    ``param_norm`` and ``tokens`` (targets in the batch ``[B, T + 1]``)."""
+    # optax's own transforms mix Python floats with int32 counters (``b1 ** count``), which
+    # jax_numpy_dtype_promotion="strict" rejects; the user's transform runs under standard
+    # promotion whatever the global setting (the model and loss stay under the user's).
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
+        "tokens": jnp.asarray(batch.shape[0] * (batch.shape[1] - 1), jnp.int32),
+    }
+    return params, opt_state, metrics

@@ -18,8 +18,9 @@ def _python_blocks(section: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text[start:end], re.DOTALL)
 
 
-def test_streaming_diloco_block_runs_as_pasted(tmp_path):
-    (block,) = _python_blocks("### Streaming DiLoCo")
+def _run_pasted(section: str, tmp_path) -> list[str]:
+    """Runs the section's one Python block in a fresh process as a user would; its lines."""
+    (block,) = _python_blocks(section)
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     done = subprocess.run(
         [sys.executable, "-c", block],
@@ -30,25 +31,18 @@ def test_streaming_diloco_block_runs_as_pasted(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    lines = done.stdout.strip().splitlines()
+    return done.stdout.strip().splitlines()
+
+
+def test_streaming_diloco_block_runs_as_pasted(tmp_path):
+    lines = _run_pasted("### Streaming DiLoCo", tmp_path)
     assert len(lines) == 8
     synced = [int(line.split()[2]) for line in lines]
     assert synced == [-1, -1, -1, 0, -1, -1, -1, 1]
 
 
 def test_moe_block_runs_as_pasted(tmp_path):
-    (block,) = _python_blocks("### MoE execution")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    done = subprocess.run(
-        [sys.executable, "-c", block],
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    lines = done.stdout.strip().splitlines()
+    lines = _run_pasted("### MoE execution", tmp_path)
     assert len(lines) == 7
     assert [int(line.split()[0]) for line in lines[:6]] == [1, 2, 3, 4, 5, 6]
     assert "all-gather" in lines[-1] and "all-to-all" in lines[-1]

@@ -18,5 +18,5 @@ from parallel.moe.strategy import STRATEGIES as STRATEGIES
 from parallel.moe.strategy import MoeLayerState as MoeLayerState
 from parallel.moe.strategy import MoeLayerStats as MoeLayerStats
 from parallel.moe.strategy import MoeStrategy as MoeStrategy
-from parallel.moe.strategy import expert_wire_bytes as expert_wire_bytes
-from parallel.moe.strategy import token_wire_bytes as token_wire_bytes
+from parallel.moe.wire_bytes import expert_wire_bytes as expert_wire_bytes
+from parallel.moe.wire_bytes import token_wire_bytes as token_wire_bytes

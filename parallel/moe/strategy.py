@@ -30,11 +30,11 @@ With ``m < D`` slots, fssdp copies the ``m`` hottest experts to every device wit
 instead (``materialize="all_reduce"``: :func:`~parallel.moe.sparse_collectives.replicate_rows`).
 
 Per device per step and layer, with ``s`` the bytes of one expert (``wi`` and ``wo``) and ``C``
-the dispatch capacity (:func:`expert_wire_bytes` gives the exact figures the tests check against
-the compiled HLO): fsdp moves ``2 (D-1)/D E s`` (``3`` with remat), fssdp ``2 (D-1) c s`` (``3``
-with remat; all_reduce: ``2 x 2 (D-1)/D m s``), ep none; ep and fssdp move ``4 (D-1) C d``
-activation bytes plus ``(D-1) C 4`` of slot ids in their padded ``all_to_all`` (the ragged
-dispatch moves only the routed rows).
+the dispatch capacity (:mod:`parallel.moe.wire_bytes` gives the exact figures the tests check
+against the compiled HLO): fsdp moves ``2 (D-1)/D E s`` (``3`` with remat), fssdp
+``2 (D-1) c s`` (``3`` with remat; all_reduce: ``2 x 2 (D-1)/D m s``), ep none; ep and fssdp
+move ``4 (D-1) C d`` activation bytes plus ``(D-1) C 4`` of slot ids in their padded
+``all_to_all`` (the ragged dispatch moves only the routed rows).
 """
 
 from __future__ import annotations
@@ -65,11 +65,7 @@ from parallel.moe.placement import (
     plan_replication,
 )
 from parallel.moe.routing import Routing, expert_counts
-from parallel.moe.sparse_collectives import (
-    replicate_rows,
-    replicated_wire_bytes,
-    sparse_all_gather,
-)
+from parallel.moe.sparse_collectives import replicate_rows, sparse_all_gather
 from parallel.rules import DEFAULT_RULES, Rules
 
 STRATEGIES = ("ep", "fsdp", "fssdp")
@@ -390,40 +386,3 @@ class MoeStrategy:
 def _check_int(name: str, value, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"`{name}` must be an int >= {low}, got {name}={value!r}")
-
-
-def expert_wire_bytes(
-    strategy: MoeStrategy, num_experts: int, expert_bytes: int
-) -> dict[str, float]:
-    """Expert-weight bytes one device sends per step and MoE layer, by collective kind.
-
-    fsdp: an all-gather of all ``E`` experts (again in the backward with remat) and a
-    reduce-scatter of their gradients; fssdp: a :func:`sparse_all_gather` and a
-    :func:`sparse_reduce_scatter` of ``c`` experts per device (all_gather), or an all-reduce of
-    the ``m`` copied experts forward and one of their gradients (all_reduce); ep: nothing.
-    """
-    d = strategy.num_devices
-    gathers = 2 if strategy.remat else 1
-    path = strategy.materialize_path
-    if path == "all_reduce":
-        moved = replicated_wire_bytes(d, strategy.slots, expert_bytes)
-        return {"all-gather": 0.0, "reduce-scatter": 0.0, "all-reduce": (gathers + 1) * moved}
-    if strategy.kind == "fsdp":
-        moved = num_experts * expert_bytes * (d - 1) / d
-    elif path == "all_gather":
-        moved = (d - 1) * strategy.send_per_device * expert_bytes
-    else:
-        moved = 0.0
-    return {"all-gather": gathers * moved, "reduce-scatter": moved, "all-reduce": 0.0}
-
-
-def token_wire_bytes(
-    strategy: MoeStrategy, tokens_per_device: int, top_k: int, num_experts: int, row_bytes: int
-) -> dict[str, float]:
-    """Padded ``all_to_all`` bytes one device sends per step and MoE layer (forward and
-    backward): four exchanges of ``D * C`` activation rows and one of ``D * C`` int32 slot ids
-    (0 for fsdp; the ragged paths move only the routed rows, reported in the layer's stats)."""
-    c = strategy.dispatch_capacity(tokens_per_device, top_k, num_experts)
-    d = strategy.num_devices
-    per_exchange = (d - 1) * c  # rows leaving this device
-    return {"all-to-all": per_exchange * (4 * row_bytes + 4)}

@@ -1,5 +1,6 @@
 """MoE strategies across processes: 2 processes x 4 devices (gloo), 20 AdamW steps with a
-re-sharding, equal to the dense reference trained in one process."""
+re-sharding, equal to the dense reference trained in one process (ep, fssdp with its all-gather
+and with its all-reduce copies)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from tests.multiprocess import run_in_processes
 
 pytestmark = pytest.mark.multiprocess
 
+# the strategies whose own collectives cross the processes (fsdp's are plain gathers)
+ACROSS = [(kind, knobs) for kind, knobs in VARIANTS if kind != "fsdp"]
+
 
 def train_every_strategy(process_id: int, num_processes: int, out: str) -> None:
     from jax.experimental import multihost_utils
@@ -28,7 +32,7 @@ def train_every_strategy(process_id: int, num_processes: int, out: str) -> None:
     mesh = make_mesh({"data": 2, "fsdp": 4})
     assert {d.process_index for d in mesh.devices.flat} == {0, 1}
     results = {}
-    for index, (kind, knobs) in enumerate(VARIANTS):
+    for index, (kind, knobs) in enumerate(ACROSS):
         *_, state, losses, _ = _moe_run(mesh, kind, knobs)
         gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
         whole = jax.tree.map(gather, state)
@@ -54,8 +58,8 @@ def test_two_processes_match_the_dense_reference(tmp_path: Path, devices):
     reference = jax.tree_util.tree_flatten_with_path(
         {"params": want.params, "opt": want.opt_state}
     )[0]
-    for index in range(len(VARIANTS)):
+    for index in range(len(ACROSS)):
         np.testing.assert_allclose(got[f"{index}/losses"], want_losses, rtol=1e-5)
         for path, leaf in reference:
             key = f"{index}/{jax.tree_util.keystr(path)}"
-            assert _rel(got[key], leaf) <= 1e-5, (VARIANTS[index], key)
+            assert _rel(got[key], leaf) <= 1e-5, (ACROSS[index], key)
