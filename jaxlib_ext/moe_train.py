@@ -166,18 +166,18 @@ def _expert_layer(path: str | None) -> tuple[int, str] | None:
 
 
 def _check_permutable(opt_state: Any, params: Any) -> None:
-    """Every optimizer-state buffer tied to an expert weight must have its shape (so that the
-    expert axis can be permuted); anything else (e.g. FRUGAL projections) is an error."""
+    """Re-sharding permutes parameter-shaped buffers only, so every other non-scalar
+    optimizer buffer (FRUGAL's subspace pools and indices, adafactor's factored moments...),
+    which may index or mix expert rows, is an error rather than a silent corruption."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
     owners = treedef.flatten_up_to(state_param_paths(opt_state, params))
     for (path, leaf), owner in zip(leaves, owners, strict=True):
-        names = "/".join(map(str, path_names(path)))
-        tied = any(names.endswith(f"mlp/{w}") for w in EXPERT_WEIGHTS)
-        if tied and _expert_layer(owner) is None:
+        if owner is None and len(getattr(leaf, "shape", ())) > 0:
+            names = "/".join(map(str, path_names(path)))
             raise ValueError(
-                f"optimizer state leaf {names!r} (shape {tuple(leaf.shape)}) belongs to an "
-                "expert weight but is not shaped like it, so ownership cannot be re-sharded; "
-                "use reshard_every=0 with this optimizer"
+                f"optimizer state leaf {names!r} (shape {tuple(leaf.shape)}) is not shaped like "
+                "a parameter, so re-sharding cannot tell whether it indexes experts; use "
+                "reshard_every=0 with this optimizer"
             )
 
 
@@ -192,7 +192,7 @@ def make_moe_reshard(
     it. The maths of the model is unchanged (the router stays canonical).
 
     Raises:
-      ValueError: an optimizer-state buffer of an expert weight is not shaped like it.
+      ValueError: a non-scalar optimizer buffer that is not shaped like a parameter.
     """
     strategy = _strategy(model)
     params = model.abstract_params
