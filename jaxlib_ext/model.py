@@ -6,7 +6,8 @@ embeddings and an untied output head. Options: ``scan_layers`` stacks the blocks
 a leading ``layers`` axis and runs them with ``nnx.scan`` (one compiled block); ``num_experts > 0``
 replaces the MLPs with MoE MLPs whose experts are computed densely (every token through every
 expert, weighted by the router's renormalised top-k gates): the plain reference that the expert-
-parallel strategies of :mod:`parallel` are checked against.
+parallel strategies of :mod:`parallel.moe` are checked against; ``LanguageModel(config,
+moe_strategy=...)`` runs them under one of those strategies instead (ep, fsdp or fssdp).
 
 Every parameter is an ``nnx.Param`` with ``logical_axes`` metadata, e.g. ``("embed", "mlp")``.
 :class:`LanguageModel` gives the functional view used everywhere else: parameters are a plain nested
