@@ -126,11 +126,11 @@ def measure(name, strategy, reshard, routing_np, popular, weights, args):
     tokens = token_wire_bytes(strategy, args.tokens_per_device, args.top_k, e, d * 4)
     wire = report.wire_bytes()
     n_dev = strategy.num_devices
-    counts = 2 * (n_dev - 1) / n_dev * e * 4 if strategy.kind == "fssdp" else 0.0
+    counts = 2 * (n_dev - 1) / n_dev * e * 4  # the [E] counts psum (the stats keep it alive)
     return {
         "strategy": name,
         "wire_bytes": wire,
-        # from the HLO: gathers, reduce-scatters and all-reduces, less fssdp's [E] counts psum
+        # from the HLO: gathers, reduce-scatters and all-reduces, less the [E] counts psum
         "expert_bytes_issued": wire["all-gather"]
         + wire["reduce-scatter"]
         + wire["all-reduce"]
