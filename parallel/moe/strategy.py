@@ -345,9 +345,7 @@ class MoeStrategy:
             local = lambda rows, slots: ffn(rows, slots, wi, wo)
             path = self.dispatch_path
             if path == "padded":
-                rows_per_dest = dispatch_capacity(
-                    x.shape[0], top_k, self.num_devices, num_slots, self.capacity_factor
-                )
+                rows_per_dest = self.dispatch_capacity(x.shape[0], top_k, num_experts)
                 out, computed, sent = dispatch_combine(
                     x, dest, where, gates, local,
                     capacity=rows_per_dest, num_slots=num_slots, axis_name=axes,
