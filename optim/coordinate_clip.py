@@ -5,9 +5,11 @@ https://arxiv.org/abs/2306.00204 (2023). Only a small fraction of coordinates ca
 directional sharpness; clipping exactly those makes SGD behave much more like Adam.
 
 The threshold is a global order statistic over every leaf of the tree. It is found exactly by a
-two-pass radix selection on the float32 bit patterns of ``|x|`` (which order like the values):
-pass one histograms the high 16 bits, pass two the low 16 bits of the coordinates in the chosen
-high bin. Each pass reads the tree once and reduces a 65,536-bin histogram; under ``jit`` with
+radix selection on the bit patterns of ``|x|`` (which order like the values), 16 bits per pass:
+for float32 (and bfloat16/float16, whose values float32 holds exactly) pass one histograms the
+high 16 bits, pass two the low 16 bits of the coordinates in the chosen high bin; for float64
+four passes walk the 64-bit patterns the same way, so a float64 threshold is exact too. Each
+pass reads the tree once and reduces a 65,536-bin histogram; under ``jit`` with
 sharded inputs XLA reduces the histograms across devices (no gradient is gathered), and inside
 ``shard_map`` the histograms are ``psum``-ed over ``axis_name``.
 """
@@ -22,13 +24,19 @@ import jax.numpy as jnp
 import optax
 
 from optim.hyperparams import check_range, is_concrete_number
+from optim.moments import compute_dtype
 
-_BINS = 1 << 16
+_DIGIT_BITS = 16
+_BINS = 1 << _DIGIT_BITS
 
 
-def _abs_bits(x: jax.Array) -> jax.Array:
-    magnitude = jnp.abs(x.astype(jnp.float32))
-    return jax.lax.bitcast_convert_type(magnitude, jnp.uint32)
+def _unsigned(dtype: Any) -> Any:
+    return jnp.uint64 if jnp.dtype(dtype).itemsize == 8 else jnp.uint32
+
+
+def _abs_bits(x: jax.Array, dtype: Any) -> jax.Array:
+    magnitude = jnp.abs(x.astype(dtype))
+    return jax.lax.bitcast_convert_type(magnitude, _unsigned(dtype))
 
 
 def _histogram(keys: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -48,19 +56,21 @@ def _select_bin(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]
 def top_fraction_threshold(
     tree: Any, fraction: float | jax.Array, *, axis_name: str | None = None
 ) -> jax.Array:
-    """The ``(floor(fraction * N) + 1)``-th largest ``|x|`` over all ``N`` coordinates (float32).
+    """The ``(floor(fraction * N) + 1)``-th largest ``|x|`` over all ``N`` coordinates.
 
     Returns 0 when that rank exceeds ``N`` (``fraction == 1``). Exact: ties and repeated values
-    are counted as in a sort. NaNs count as larger than every number.
+    are counted as in a sort. NaNs count as larger than every number. The result's dtype is
+    ``promote_types(float32, *leaf dtypes)``: float64 when a leaf is float64, else float32.
 
     Args:
       tree: a pytree of arrays.
       fraction: in [0, 1]; a concrete number gives an exact integer rank, a traced one computes
-        ``floor(fraction * N)`` in float32.
+        ``floor(fraction * N)`` in the result's dtype.
       axis_name: inside ``shard_map``, the mesh axis over which every leaf is split; histograms
         and the coordinate count are summed over it. None under plain ``jit``.
     """
     leaves = [x for x in jax.tree.leaves(tree) if x.size]
+    dtype = compute_dtype(*(x.dtype for x in leaves))
     local = sum(x.size for x in leaves)
     if axis_name is None:
         total = jnp.asarray(local, jnp.int32)
@@ -69,27 +79,31 @@ def top_fraction_threshold(
     if is_concrete_number(fraction) and axis_name is None:
         rank = jnp.asarray(math.floor(float(fraction) * local) + 1, jnp.int32)
     else:
-        frac = jnp.asarray(fraction).astype(jnp.float32)
-        rank = jnp.floor(frac * total.astype(jnp.float32)).astype(jnp.int32) + 1
+        frac = jnp.asarray(fraction).astype(dtype)
+        rank = jnp.floor(frac * total.astype(dtype)).astype(jnp.int32) + 1
     if not leaves:
-        return jnp.zeros((), jnp.float32)
+        return jnp.zeros((), dtype)
 
     def reduce(hist):
         return hist if axis_name is None else jax.lax.psum(hist, axis_name)
 
-    bits = [_abs_bits(x) for x in leaves]
-    high = reduce(sum(_histogram(b >> 16, None) for b in bits))
-    high_bin, rank_in_bin = _select_bin(high, rank)
-    low = reduce(
-        sum(
-            _histogram(b & 0xFFFF, ((b >> 16) == high_bin.astype(jnp.uint32)).astype(jnp.int32))
-            for b in bits
-        )
-    )
-    low_bin, _ = _select_bin(low, rank_in_bin)
-    threshold_bits = (high_bin.astype(jnp.uint32) << 16) | low_bin.astype(jnp.uint32)
-    threshold = jax.lax.bitcast_convert_type(threshold_bits, jnp.float32)
-    return jnp.where(rank > total, jnp.zeros((), jnp.float32), threshold)
+    # Most significant digit first: each pass histograms the next 16 bits of the coordinates
+    # whose higher bits equal the prefix chosen so far, and extends the prefix by one digit.
+    unsigned = _unsigned(dtype)
+    width = 8 * jnp.dtype(dtype).itemsize
+    bits = [_abs_bits(x, dtype) for x in leaves]
+    prefix, rank_left = jnp.zeros((), unsigned), rank
+    for shift in range(width - _DIGIT_BITS, -1, -_DIGIT_BITS):
+        top = shift == width - _DIGIT_BITS
+
+        def weights(b, shift=shift, top=top, prefix=prefix):
+            return None if top else ((b >> (shift + _DIGIT_BITS)) == prefix).astype(jnp.int32)
+
+        hist = reduce(sum(_histogram((b >> shift) & (_BINS - 1), weights(b)) for b in bits))
+        digit, rank_left = _select_bin(hist, rank_left)
+        prefix = (prefix << _DIGIT_BITS) | digit.astype(unsigned)
+    threshold = jax.lax.bitcast_convert_type(prefix, dtype)
+    return jnp.where(rank > total, jnp.zeros((), dtype), threshold)
 
 
 def clip_top(
@@ -127,13 +141,14 @@ def clip_top(
     if is_concrete_number(fraction) and float(fraction) == 0.0:
         return tree
     threshold = top_fraction_threshold(tree, fraction, axis_name=axis_name)
-    limit = threshold * jnp.asarray(threshold_scale).astype(jnp.float32)
-    identity = jnp.asarray(fraction).astype(jnp.float32) == 0
+    limit = threshold * jnp.asarray(threshold_scale).astype(threshold.dtype)
+    identity = jnp.asarray(fraction) == 0
 
     def clip(x):
-        x32 = x.astype(jnp.float32)
-        clipped = jnp.where(jnp.abs(x32) >= limit, jnp.sign(x32) * limit, x32)
-        return jnp.where(identity, x32, clipped).astype(x.dtype)
+        dtype = compute_dtype(x.dtype, limit.dtype)
+        xc, t = x.astype(dtype), limit.astype(dtype)
+        clipped = jnp.where(jnp.abs(xc) >= t, jnp.sign(xc) * t, xc)
+        return jnp.where(identity, xc, clipped).astype(x.dtype)
 
     return jax.tree.map(clip, tree)
 

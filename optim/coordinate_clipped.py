@@ -17,7 +17,7 @@ import optax
 
 from optim.coordinate_clip import clip_top, coordinate_clip
 from optim.hyperparams import check_learning_rate, check_range
-from optim.moments import bias_correction, tree_ema, zeros_like
+from optim.moments import adam_direction, reject_complex, tree_ema
 
 
 def sgd_coordinate_clipped(
@@ -46,6 +46,16 @@ def sgd_coordinate_clipped(
       weight_decay: L2 coefficient :math:`\lambda \ge 0`.
       mask: which params get weight decay.
       axis_name: see :func:`optim.top_fraction_threshold` (``shard_map`` only).
+
+    Returns:
+      An ``optax.GradientTransformation`` (an ``optax.chain``).
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (the message names it).
+
+    Non-finite gradients: a NaN counts as larger than every number, so it sets the clip
+    threshold and reaches the momentum (as any NaN in SGD); skip such steps with
+    ``optax.apply_if_finite(sgd_coordinate_clipped(...), max_consecutive_errors)`` (tested).
 
     Example:
       >>> import jax.numpy as jnp
@@ -85,6 +95,7 @@ def scale_by_adam_coordinate_clipped(
     threshold_scale: float | jax.Array = 1.0,
     axis_name: str | None = None,
     state_dtype=None,
+    mu_dtype=None,
 ) -> optax.GradientTransformation:
     r"""Adam whose first moment sees coordinate-clipped gradients (no learning rate).
 
@@ -103,7 +114,32 @@ def scale_by_adam_coordinate_clipped(
       update_fraction: :math:`c_u \in [0, 1]` for the final direction (0: no clip).
       threshold_scale: threshold multiplier of both clips, >= 0.
       axis_name: see :func:`optim.top_fraction_threshold`.
-      state_dtype: dtype of the moments (default: the params').
+      state_dtype: dtype of the moments (default: the params'). The maths runs in
+        ``promote_types(dtype, float32)`` whatever the buffers' dtype.
+      mu_dtype: dtype of the first moment only (optax's name), overriding ``state_dtype``.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleByAdamCoordinateClippedState`.
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (the message names it).
+      TypeError: complex params (at ``init``).
+
+    Non-finite gradients: an Inf makes ``nu`` infinite, and that coordinate never moves again
+    (as in Adam); a NaN poisons both moments. Skip such steps with
+    ``optax.apply_if_finite(adam_coordinate_clipped(...), max_consecutive_errors)``, which
+    leaves the whole state untouched (tested).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = optax.chain(scale_by_adam_coordinate_clipped(0.01), optax.scale(-1e-3))
+      >>> params = {"w": jnp.ones(8)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.arange(8.0)}, state, params)
+
+    References:
+      Pan & Li, Toward Understanding Why Adam Converges Faster Than SGD for Transformers,
+      https://arxiv.org/abs/2306.00204, 2023.
     """
     check_range("fraction", fraction, 0.0, 1.0)
     check_range("update_fraction", update_fraction, 0.0, 1.0)
@@ -113,10 +149,11 @@ def scale_by_adam_coordinate_clipped(
     check_range("threshold_scale", threshold_scale, 0.0)
 
     def init_fn(params):
+        reject_complex(params, "adam_coordinate_clipped")
         return ScaleByAdamCoordinateClippedState(
             jnp.zeros([], jnp.int32),
-            zeros_like(params, state_dtype),
-            zeros_like(params, state_dtype),
+            optax.tree.zeros_like(params, mu_dtype or state_dtype),
+            optax.tree.zeros_like(params, state_dtype),
         )
 
     def update_fn(updates, state, params=None):
@@ -125,15 +162,12 @@ def scale_by_adam_coordinate_clipped(
         clipped = clip_top(updates, fraction, threshold_scale, axis_name=axis_name)
         mu = tree_ema(state.mu, clipped, b1)
         nu = tree_ema(state.nu, updates, b2, order=2)
-        bc1, bc2 = bias_correction(b1, count), bias_correction(b2, count)
-        eps32 = jnp.asarray(eps).astype(jnp.float32)
-
-        def direction(g, m, v):
-            m_hat = m.astype(jnp.float32) / bc1
-            v_hat = v.astype(jnp.float32) / bc2
-            return (m_hat / (jnp.sqrt(v_hat) + eps32)).astype(g.dtype)
-
-        out = jax.tree.map(direction, updates, mu, nu)
+        out = jax.tree.map(
+            lambda g, m, v: adam_direction(m, v, count, b1, b2, eps).astype(g.dtype),
+            updates,
+            mu,
+            nu,
+        )
         out = clip_top(out, update_fraction, threshold_scale, axis_name=axis_name)
         return out, ScaleByAdamCoordinateClippedState(count, mu, nu)
 
@@ -153,9 +187,31 @@ def adam_coordinate_clipped(
     mask: Any = None,
     axis_name: str | None = None,
     state_dtype=None,
+    mu_dtype=None,
 ) -> optax.GradientTransformation:
     r"""Pan & Li's clipped Adam: :func:`scale_by_adam_coordinate_clipped`, decoupled weight
     decay (AdamW-style, :math:`-\eta(u + \lambda p)`), learning rate.
+
+    .. math::
+        p \leftarrow p - \eta\,\big(u + \lambda p\big)
+
+    with :math:`u` the clipped Adam direction of :func:`scale_by_adam_coordinate_clipped`.
+
+    Args:
+      learning_rate: a number >= 0 or an optax schedule.
+      fraction: :math:`c \in [0, 1]` for the gradient entering the first moment (required: it
+        has no canonical default).
+      b1, b2, eps, update_fraction, threshold_scale, axis_name, state_dtype, mu_dtype: see
+        :func:`scale_by_adam_coordinate_clipped`.
+      weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
+      mask: which params decay (an ``optax.add_decayed_weights`` mask; a prefix is fine).
+
+    Returns:
+      An ``optax.GradientTransformation`` (an ``optax.chain``).
+
+    Raises:
+      ValueError: a concrete hyperparameter out of range (the message names it).
+      TypeError: complex params (at ``init``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -177,6 +233,7 @@ def adam_coordinate_clipped(
             threshold_scale=threshold_scale,
             axis_name=axis_name,
             state_dtype=state_dtype,
+            mu_dtype=mu_dtype,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from optim.hyperparams import check_learning_rate, check_range
-from optim.moments import after, bias_correction, tree_ema, zeros_like
+from optim.moments import adam_direction, after, compute_dtype, reject_complex, tree_ema
 
 
 class ScaleByDiffGradState(NamedTuple):
@@ -39,6 +39,7 @@ def scale_by_diffgrad(
     eps: float | jax.Array = 1e-8,
     *,
     state_dtype=None,
+    mu_dtype=None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by diffGrad's friction-damped Adam direction (no learning rate).
 
@@ -63,13 +64,21 @@ def scale_by_diffgrad(
       b2: decay of the second moment, in [0, 1).
       eps: added to :math:`\sqrt{v}`, >= 0.
       state_dtype: dtype of the three buffers (default: each param's dtype); float32 with
-        bfloat16 params keeps full-precision moments.
+        bfloat16 params keeps full-precision moments. The maths runs in
+        ``promote_types(dtype, float32)`` whatever the buffers' dtype.
+      mu_dtype: dtype of the first moment only (optax's name), overriding ``state_dtype``.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`ScaleByDiffGradState`.
 
     Raises:
       ValueError: a concrete hyperparameter out of range (the message names it).
+      TypeError: complex params (at ``init``).
+
+    Non-finite gradients: a NaN or Inf gradient makes ``mu``, ``nu`` and ``prev_grad``
+    non-finite for good (as in Adam); skip such steps with
+    ``optax.apply_if_finite(diffgrad(...), max_consecutive_errors)``, which leaves the whole
+    state untouched on a non-finite step (tested).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -87,11 +96,12 @@ def scale_by_diffgrad(
     check_range("eps", eps, 0.0)
 
     def init_fn(params):
+        reject_complex(params, "diffgrad")
         return ScaleByDiffGradState(
             count=jnp.zeros([], jnp.int32),
-            mu=zeros_like(params, state_dtype),
-            nu=zeros_like(params, state_dtype),
-            prev_grad=zeros_like(params, state_dtype),
+            mu=optax.tree.zeros_like(params, mu_dtype or state_dtype),
+            nu=optax.tree.zeros_like(params, state_dtype),
+            prev_grad=optax.tree.zeros_like(params, state_dtype),
         )
 
     def update_fn(updates, state, params=None):
@@ -99,17 +109,16 @@ def scale_by_diffgrad(
         count = optax.safe_increment(state.count)
         mu = tree_ema(state.mu, updates, b1)
         nu = tree_ema(state.nu, updates, b2, order=2)
-        step_scale = jnp.sqrt(bias_correction(b2, count)) / bias_correction(b1, count)
-        eps32 = jnp.asarray(eps).astype(jnp.float32)
 
         def direction(g, prev, m, v):
-            friction = jax.nn.sigmoid(jnp.abs(prev.astype(jnp.float32) - g.astype(jnp.float32)))
-            m32, v32 = m.astype(jnp.float32), v.astype(jnp.float32)
-            return (step_scale * m32 * friction / (jnp.sqrt(v32) + eps32)).astype(g.dtype)
+            dtype = compute_dtype(g.dtype, prev.dtype, m.dtype, v.dtype)
+            friction = jax.nn.sigmoid(jnp.abs(prev.astype(dtype) - g.astype(dtype)))
+            adam = adam_direction(m, v, count, b1, b2, eps, outer_eps=True).astype(dtype)
+            return (adam * friction).astype(g.dtype)
 
         out = jax.tree.map(direction, updates, state.prev_grad, mu, nu)
         # `after`: write the new previous gradient only once the direction has read the old one
-        # (otherwise XLA copies the donated buffer every step; see optim.spam.after).
+        # (otherwise XLA copies the donated buffer every step; see optim.moments.after).
         prev = jax.tree.map(
             lambda g, p, u: after(g.astype(p.dtype), u), updates, state.prev_grad, out
         )
@@ -128,6 +137,7 @@ def diffgrad(
     decoupled_weight_decay: bool = False,
     mask=None,
     state_dtype=None,
+    mu_dtype=None,
 ) -> optax.GradientTransformation:
     r"""The diffGrad optimizer: :func:`scale_by_diffgrad` times the learning rate, with L2.
 
@@ -142,7 +152,7 @@ def diffgrad(
       weight_decay: L2 (or decoupled) weight decay, >= 0.
       decoupled_weight_decay: AdamW-style decay instead of the original's L2.
       mask: which params get weight decay (an ``optax.add_decayed_weights`` mask).
-      state_dtype: dtype of the optimizer's buffers (default: the params').
+      state_dtype, mu_dtype: see :func:`scale_by_diffgrad`.
 
     Returns:
       An ``optax.GradientTransformation`` (an ``optax.chain``).
@@ -161,7 +171,7 @@ def diffgrad(
     """
     check_learning_rate(learning_rate)
     check_range("weight_decay", weight_decay, 0.0)
-    direction = scale_by_diffgrad(b1, b2, eps, state_dtype=state_dtype)
+    direction = scale_by_diffgrad(b1, b2, eps, state_dtype=state_dtype, mu_dtype=mu_dtype)
     if decoupled_weight_decay:
         return optax.chain(
             direction,

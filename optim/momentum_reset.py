@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from optim.hyperparams import check_range
-from optim.moments import ema, zeros_like
+from optim.moments import compute_dtype, ema, reject_complex
 from optim.spam import check_steps, clip_spike, spam_warmup_factor, spike_clip_active
 
 
@@ -74,7 +74,8 @@ def clip_spikes(
     check_steps(reset_interval, 0, no_clip_steps)
 
     def init_fn(params):
-        return ClipSpikesState(jnp.zeros([], jnp.int32), zeros_like(params, state_dtype))
+        reject_complex(params, "clip_spikes")
+        return ClipSpikesState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params, state_dtype))
 
     def update_fn(updates, state, params=None):
         del params
@@ -87,10 +88,10 @@ def clip_spikes(
             g = clip_spike(g, v, spike_threshold, active)
             return g, ema(v, g, b2, order=2)
 
-        pairs = jax.tree.map(leaf, updates, state.nu)
-        is_pair = lambda x: isinstance(x, tuple)
-        clipped = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-        nu = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+        g_leaves, treedef = jax.tree.flatten(updates)
+        pairs = [leaf(g, v) for g, v in zip(g_leaves, treedef.flatten_up_to(state.nu), strict=True)]
+        clipped = treedef.unflatten([g for g, _ in pairs])
+        nu = treedef.unflatten([v for _, v in pairs])
         return clipped, ClipSpikesState(count, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -155,8 +156,13 @@ def scale_by_spam_warmup(
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        factor = spam_warmup_factor(count, reset_interval, warmup_steps)
-        out = jax.tree.map(lambda g: (g.astype(jnp.float32) * factor).astype(g.dtype), updates)
+
+        def leaf(g):
+            dtype = compute_dtype(g.dtype)
+            factor = spam_warmup_factor(count, reset_interval, warmup_steps, dtype)
+            return (g.astype(dtype) * factor).astype(g.dtype)
+
+        out = jax.tree.map(leaf, updates)
         return out, optax.ScaleByScheduleState(count=count)
 
     return optax.GradientTransformation(init_fn, update_fn)

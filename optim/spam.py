@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from optim.hyperparams import check_learning_rate, check_range, static_int, static_number
-from optim.moments import after, bias_correction, ema, zeros_like
+from optim.moments import adam_direction, after, compute_dtype, ema, reject_complex
 
 
 class ScaleBySpamState(NamedTuple):
@@ -33,18 +33,22 @@ class ScaleBySpamState(NamedTuple):
       nu: second moment, laid out like ``mu``.
       indices: per param, the flat indices of its kept entries (int32 vector, sorted) for sparse
         params, ``optax.MaskedNode()`` for dense ones.
-      key: the PRNG key that draws the next masks (None when every param is dense).
+      key: the PRNG key that draws the next masks (present, and unused, when every param is
+        dense, so that the state's type does not depend on ``density``).
     """
 
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
     indices: Any
-    key: jax.Array | None
+    key: jax.Array
 
 
 def spam_warmup_factor(
-    count: jax.Array, reset_interval: int | jax.Array, warmup_steps: int | jax.Array
+    count: jax.Array,
+    reset_interval: int | jax.Array,
+    warmup_steps: int | jax.Array,
+    dtype: Any = jnp.float32,
 ) -> jax.Array:
     r"""SPAM's post-reset learning-rate warmup :math:`sf(s)` for the 1-based step ``count``.
 
@@ -53,14 +57,14 @@ def spam_warmup_factor(
         1 \text{ if } j \ge N \text{ else } 1 - 0.99\,\frac{1 + \cos(\pi j / (N + 1))}{2}
 
     i.e. 0.01 on the reset step itself, back to 1 after ``warmup_steps`` steps; no warmup before
-    the first reset. Float32.
+    the first reset. In ``dtype`` (float32 by default).
     """
     s = count.astype(jnp.int32)
     interval = jnp.asarray(reset_interval).astype(jnp.int32)
-    n = jnp.asarray(warmup_steps).astype(jnp.float32)
-    j = (s % interval).astype(jnp.float32)
-    cosine = 1 - 0.99 * (1 + jnp.cos(jnp.pi * j / (n + 1))) / 2
-    return jnp.where((s < interval) | (j >= n), jnp.float32(1), cosine)
+    n = jnp.asarray(warmup_steps).astype(dtype)
+    j = (s % interval).astype(dtype)
+    cosine = 1 - jnp.asarray(0.99, dtype) * (1 + jnp.cos(jnp.pi * j / (n + 1))) / 2
+    return jnp.where((s < interval) | (j >= n), jnp.ones((), dtype), cosine)
 
 
 def spike_clip_active(
@@ -79,12 +83,13 @@ def spike_clip_active(
 def clip_spike(g: jax.Array, v: jax.Array, threshold: Any, active: jax.Array) -> jax.Array:
     """``sign(g) * sqrt(theta * v)`` where ``g**2 > theta * v`` (and ``active``), else ``g``.
 
-    Computed in float32, returned in ``g``'s dtype.
+    Computed in ``compute_dtype(g, v)``, returned in ``g``'s dtype.
     """
-    g32, v32 = g.astype(jnp.float32), v.astype(jnp.float32)
-    bound = jnp.asarray(threshold).astype(jnp.float32) * v32
-    spike = active & (g32 * g32 > bound)
-    return jnp.where(spike, jnp.sign(g32) * jnp.sqrt(bound), g32).astype(g.dtype)
+    dtype = compute_dtype(g.dtype, v.dtype)
+    gc = g.astype(dtype)
+    bound = jnp.asarray(threshold).astype(dtype) * v.astype(dtype)
+    spike = active & (gc * gc > bound)
+    return jnp.where(spike, jnp.sign(gc) * jnp.sqrt(bound), gc).astype(g.dtype)
 
 
 def check_steps(reset_interval: Any, warmup_steps: Any = 0, no_clip_steps: Any = 0) -> None:
@@ -108,14 +113,19 @@ def check_steps(reset_interval: Any, warmup_steps: Any = 0, no_clip_steps: Any =
 
 def clipped_square(g: jax.Array, v: jax.Array, threshold: Any, active: jax.Array) -> jax.Array:
     """The square of :func:`clip_spike`'s output, ``min(g**2, theta * v)`` when ``active``."""
-    g32 = g.astype(jnp.float32)
-    square = g32 * g32
-    bound = jnp.asarray(threshold).astype(jnp.float32) * v.astype(jnp.float32)
+    dtype = compute_dtype(g.dtype, v.dtype)
+    gc = g.astype(dtype)
+    square = gc * gc
+    bound = jnp.asarray(threshold).astype(dtype) * v.astype(dtype)
     return jnp.where(active, jnp.minimum(square, bound), square).astype(g.dtype)
 
 
 def _default_sparse(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim == 2, params)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
 def scale_by_spam(
@@ -131,6 +141,7 @@ def scale_by_spam(
     seed: int = 0,
     sparse_mask: Any = None,
     state_dtype: Any = None,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""SPAM's update direction (no learning rate, no weight decay).
 
@@ -153,10 +164,11 @@ def scale_by_spam(
     moments. Static shapes: the state holds the kept indices, moments are vectors.
 
     Differences from the authors' code (each deliberate): the count of kept entries is exactly
-    ``int(density * size)`` at every redraw (they draw Bernoulli masks after the first, a
-    variable count that cannot have a static shape); the random state is the ``key`` in the
-    optimizer state, not a global RNG; weight decay (in :func:`spam`) applies to sparse params
-    too (they skip it there, a bug).
+    ``max(1, int(density * size))`` at every redraw (they draw Bernoulli masks after the first,
+    a variable count that cannot have a static shape; and where ``int(density * size)`` is 0
+    they keep no entry, so the param never moves, which here keeps one); the random state is
+    the ``key`` in the optimizer state, not a global RNG; weight decay (in :func:`spam`)
+    applies to sparse params too (they skip it there, a bug).
 
     Args:
       b1, b2: moment decays, in [0, 1).
@@ -171,7 +183,9 @@ def scale_by_spam(
       sparse_mask: which params are sparse when ``density < 1``: a bool pytree or a callable of
         the params; default every 2-D param (pass a mask to exclude embeddings and the output
         head, as the authors do).
-      state_dtype: dtype of ``mu`` and ``nu`` (default: each param's dtype).
+      state_dtype: dtype of ``mu`` and ``nu`` (default: each param's dtype). The maths runs in
+        ``promote_types(dtype, float32)`` whatever the buffers' dtype.
+      mu_dtype: dtype of ``mu`` only (optax's name), overriding ``state_dtype``.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySpamState`.
@@ -179,7 +193,12 @@ def scale_by_spam(
     Raises:
       ValueError: a concrete hyperparameter out of range, e.g. ``no_clip_steps >=
         reset_interval`` (the message names it and echoes the value).
-      TypeError: ``density`` or ``seed`` traced.
+      TypeError: ``density`` or ``seed`` traced; complex params (at ``init``).
+
+    Non-finite gradients: a NaN or Inf gradient makes ``mu`` and ``nu`` non-finite until the
+    next momentum reset (as in the original; the clip cannot catch it, ``NaN > bound`` is
+    false). Skip such steps with ``optax.apply_if_finite(spam(...), max_consecutive_errors)``,
+    which leaves the whole state untouched (tested).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -206,7 +225,13 @@ def scale_by_spam(
             return jax.tree.map(lambda _: False, params)
         chosen = sparse_mask if sparse_mask is not None else _default_sparse
         chosen = chosen(params) if callable(chosen) else chosen
-        return jax.tree.map(lambda p, c: bool(c) and p.ndim >= 1 and p.size > 0, params, chosen)
+        # `chosen` may be a prefix of the params (one bool for a subtree), as optax masks are
+        return jax.tree.map(
+            lambda c, sub: jax.tree.map(lambda p: bool(c) and p.ndim >= 1 and p.size > 0, sub),
+            chosen,
+            params,
+            is_leaf=_is_masked,
+        )
 
     def kept(p) -> int:
         return max(1, int(density * math.prod(p.shape)))
@@ -226,29 +251,27 @@ def scale_by_spam(
         return treedef.unflatten(out), keys[-1]
 
     def init_fn(params):
+        reject_complex(params, "spam")
         sparse_tree = is_sparse_tree(params)
 
-        def moment(p, flag):
-            dtype = state_dtype or p.dtype
-            return jnp.zeros((kept(p),), dtype) if flag else jnp.zeros(p.shape, dtype)
+        def moment(p, flag, dtype):
+            if flag:
+                return jnp.zeros((kept(p),), dtype or p.dtype)
+            return jnp.zeros_like(p, dtype=dtype or p.dtype)  # keeps p's sharding
 
-        mu = jax.tree.map(moment, params, sparse_tree)
+        mu = jax.tree.map(lambda p, f: moment(p, f, mu_dtype or state_dtype), params, sparse_tree)
+        nu = jax.tree.map(lambda p, f: moment(p, f, state_dtype), params, sparse_tree)
+        key = jax.random.key(seed)
         if sparse:
-            indices, key = draw(jax.random.key(seed), params, sparse_tree)
+            indices, key = draw(key, params, sparse_tree)
         else:
-            indices, key = jax.tree.map(lambda _: optax.MaskedNode(), params), None
-        return ScaleBySpamState(jnp.zeros([], jnp.int32), mu, zeros_like(mu), indices, key)
+            indices = jax.tree.map(lambda _: optax.MaskedNode(), params)
+        return ScaleBySpamState(jnp.zeros([], jnp.int32), mu, nu, indices, key)
 
     def update_fn(updates, state, params=None):
         count = optax.safe_increment(state.count)
         reset = (count % jnp.asarray(reset_interval).astype(jnp.int32)) == 0
         active = spike_clip_active(count, spike_threshold, reset_interval, no_clip_steps)
-        scale = (
-            jnp.sqrt(bias_correction(b2, count))
-            / bias_correction(b1, count)
-            * spam_warmup_factor(count, reset_interval, warmup_steps)
-        )
-        eps32 = jnp.asarray(eps).astype(jnp.float32)
 
         def leaf(g, m, v, idx):
             sparse_leaf = not isinstance(idx, optax.MaskedNode)
@@ -259,9 +282,10 @@ def scale_by_spam(
             # square root, so that XLA can fuse each moment update on its own.
             m = ema(m, clip_spike(gk, v, spike_threshold, active), b1)
             v = after(ema(v, clipped_square(gk, v, spike_threshold, active), b2), m)
-            u = scale * m.astype(jnp.float32) / (jnp.sqrt(v.astype(jnp.float32)) + eps32)
+            u = adam_direction(m, v, count, b1, b2, eps, outer_eps=True)
+            u = u * spam_warmup_factor(count, reset_interval, warmup_steps, u.dtype)
             if sparse_leaf:
-                u = jnp.zeros(g.size, jnp.float32).at[idx].set(u).reshape(g.shape)
+                u = jnp.zeros(g.size, u.dtype).at[idx].set(u).reshape(g.shape)
             return u.astype(g.dtype), m, v
 
         is_node = lambda x: isinstance(x, optax.MaskedNode)
@@ -305,7 +329,9 @@ def scale_and_decay_after_update(
     :math:`p' = p - \eta d`, then :math:`p'' = p' - \eta\lambda p'`, so the update is
     :math:`-\eta d - \eta\lambda (p - \eta d)`. (``chain(add_decayed_weights, scale_by_lr)``
     decays the *old* params, which differs by :math:`O(\eta^2\lambda)`.) ``mask`` selects the
-    params that decay. The learning rate may be a schedule of the update count.
+    params that decay: a bool pytree with the params' structure or a prefix of it (one bool for a
+    subtree), or a callable of the params returning one, as in ``optax.adamw``. The learning
+    rate may be a schedule of the update count. Computed in ``promote_types(dtype, float32)``.
     """
     check_learning_rate(learning_rate)
     check_range("weight_decay", weight_decay, 0.0)
@@ -318,16 +344,22 @@ def scale_and_decay_after_update(
         if params is None:
             raise ValueError("scale_and_decay_after_update needs `params` in update()")
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        lr32 = jnp.asarray(lr).astype(jnp.float32)
-        wd32 = jnp.asarray(weight_decay).astype(jnp.float32)
         decays = mask(params) if callable(mask) else mask
         if decays is None:
-            decays = jax.tree.map(lambda _: True, params)
+            decays = True
+        decays = jax.tree.map(  # a prefix mask: one bool for a whole subtree
+            lambda flag, sub: jax.tree.map(lambda _: flag, sub),
+            decays,
+            params,
+            is_leaf=_is_masked,
+        )
 
         def leaf(d, p, decay):
-            step = -lr32 * d.astype(jnp.float32)
+            dtype = compute_dtype(d.dtype, p.dtype)
+            lr_, wd_ = jnp.asarray(lr).astype(dtype), jnp.asarray(weight_decay).astype(dtype)
+            step = -lr_ * d.astype(dtype)
             if decay:
-                step = step - lr32 * wd32 * (p.astype(jnp.float32) + step)
+                step = step - lr_ * wd_ * (p.astype(dtype) + step)
             return step.astype(d.dtype)
 
         out = jax.tree.map(leaf, updates, params, decays)
@@ -351,6 +383,7 @@ def spam(
     seed: int = 0,
     sparse_mask: Any = None,
     state_dtype: Any = None,
+    mu_dtype: Any = None,
     mask: Any | Callable[[optax.Params], Any] = None,
 ) -> optax.GradientTransformation:
     r"""The SPAM optimizer: :func:`scale_by_spam`, the learning rate, then weight decay.
@@ -362,9 +395,9 @@ def spam(
     Args:
       learning_rate: a number >= 0 or an optax schedule.
       b1, b2, eps, spike_threshold, reset_interval, warmup_steps, no_clip_steps, density, seed,
-        sparse_mask, state_dtype: see :func:`scale_by_spam`.
+        sparse_mask, state_dtype, mu_dtype: see :func:`scale_by_spam`.
       weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
-      mask: which params decay (bool pytree or callable), default all.
+      mask: which params decay (a bool pytree, a prefix of one, or a callable), default all.
 
     Returns:
       An ``optax.GradientTransformation`` (an ``optax.chain``).
@@ -395,6 +428,7 @@ def spam(
             seed=seed,
             sparse_mask=sparse_mask,
             state_dtype=state_dtype,
+            mu_dtype=mu_dtype,
         ),
         scale_and_decay_after_update(learning_rate, weight_decay, mask),
     )
