@@ -8,6 +8,9 @@ from optim.coordinate_clipped import (
     scale_by_adam_coordinate_clipped as scale_by_adam_coordinate_clipped,
 )
 from optim.coordinate_clipped import sgd_coordinate_clipped as sgd_coordinate_clipped
+from optim.decay_after_update import (
+    scale_and_decay_after_update as scale_and_decay_after_update,
+)
 from optim.diffgrad import ScaleByDiffGradState as ScaleByDiffGradState
 from optim.diffgrad import diffgrad as diffgrad
 from optim.diffgrad import scale_by_diffgrad as scale_by_diffgrad
@@ -20,7 +23,6 @@ from optim.momentum_reset import clip_spikes as clip_spikes
 from optim.momentum_reset import periodic_reset as periodic_reset
 from optim.momentum_reset import scale_by_spam_warmup as scale_by_spam_warmup
 from optim.spam import ScaleBySpamState as ScaleBySpamState
-from optim.spam import scale_and_decay_after_update as scale_and_decay_after_update
 from optim.spam import scale_by_spam as scale_by_spam
 from optim.spam import spam as spam
 from optim.spam import spam_warmup_factor as spam_warmup_factor

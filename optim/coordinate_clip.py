@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optim.explicit_sharding import replicated_like
 from optim.hyperparams import check_range, is_concrete_number
-from optim.moments import compute_dtype
+from optim.moments import compute_dtype, reject_complex
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
@@ -41,8 +42,9 @@ def _abs_bits(x: jax.Array, dtype: Any) -> jax.Array:
 
 def _histogram(keys: jax.Array, weights: jax.Array | None) -> jax.Array:
     keys = keys.reshape(-1).astype(jnp.int32)
-    ones = jnp.ones(keys.shape, jnp.int32) if weights is None else weights.reshape(-1)
-    return jnp.zeros(_BINS, jnp.int32).at[keys].add(ones)
+    ones = jnp.ones_like(keys) if weights is None else weights.reshape(-1)
+    # on an Explicit mesh: each device histograms its shard, the result is all-reduced
+    return jnp.zeros(_BINS, jnp.int32).at[keys].add(ones, out_sharding=replicated_like(keys))
 
 
 def _select_bin(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -172,6 +174,8 @@ def coordinate_clip(
 
     Raises:
       ValueError: a concrete argument out of range (the message names it).
+      TypeError: complex params (at ``init``): magnitudes of complex numbers are not ordered
+        like the real coordinates this operator clips.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -186,7 +190,7 @@ def coordinate_clip(
     check_range("threshold_scale", threshold_scale, 0.0)
 
     def init_fn(params):
-        del params
+        reject_complex(params, "coordinate_clip")
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optim.decay_after_update import scale_and_decay_after_update
+from optim.explicit_sharding import replicated_like, shard_like
 from optim.hyperparams import check_learning_rate, check_range, static_int, static_number
 from optim.moments import adam_direction, after, compute_dtype, ema, reject_complex
 
@@ -275,7 +277,10 @@ def scale_by_spam(
 
         def leaf(g, m, v, idx):
             sparse_leaf = not isinstance(idx, optax.MaskedNode)
-            gk = g.reshape(-1)[idx] if sparse_leaf else g
+            if sparse_leaf:
+                gk = g.reshape(-1).at[idx].get(out_sharding=replicated_like(g))
+            else:
+                gk = g
             m = jnp.where(reset, jnp.zeros_like(m), m)
             v = jnp.where(reset, jnp.zeros_like(v), v)
             # The clipped g feeds m; v takes min(g**2, theta * v), the same value without the
@@ -285,7 +290,7 @@ def scale_by_spam(
             u = adam_direction(m, v, count, b1, b2, eps, outer_eps=True)
             u = u * spam_warmup_factor(count, reset_interval, warmup_steps, u.dtype)
             if sparse_leaf:
-                u = jnp.zeros(g.size, u.dtype).at[idx].set(u).reshape(g.shape)
+                u = shard_like(jnp.zeros(g.size, u.dtype).at[idx].set(u).reshape(g.shape), g)
             return u.astype(g.dtype), m, v
 
         is_node = lambda x: isinstance(x, optax.MaskedNode)
@@ -305,7 +310,8 @@ def scale_by_spam(
         indices, key = state.indices, state.key
         if sparse:
             redraw = ((count + 1) % jnp.asarray(reset_interval).astype(jnp.int32)) == 0
-            sparse_tree = jax.tree.map(lambda i: not is_node(i), state.indices, is_leaf=is_node)
+            # laid out like `updates` (which may hold optax.MaskedNode()s under optax.masked)
+            sparse_tree = jax.tree.map(lambda _, i: not is_node(i), updates, state.indices)
             indices, key = jax.lax.cond(
                 redraw,
                 lambda k: draw(k, updates, sparse_tree),
@@ -314,56 +320,6 @@ def scale_by_spam(
             )
         del params
         return out, ScaleBySpamState(count, mu, nu, indices, key)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def scale_and_decay_after_update(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: float | jax.Array = 0.0,
-    mask: Any = None,
-) -> optax.GradientTransformation:
-    r"""``-lr * d`` then decoupled weight decay applied to the *updated* params, exactly.
-
-    For an incoming direction :math:`d` and params :math:`p`:
-    :math:`p' = p - \eta d`, then :math:`p'' = p' - \eta\lambda p'`, so the update is
-    :math:`-\eta d - \eta\lambda (p - \eta d)`. (``chain(add_decayed_weights, scale_by_lr)``
-    decays the *old* params, which differs by :math:`O(\eta^2\lambda)`.) ``mask`` selects the
-    params that decay: a bool pytree with the params' structure or a prefix of it (one bool for a
-    subtree), or a callable of the params returning one, as in ``optax.adamw``. The learning
-    rate may be a schedule of the update count. Computed in ``promote_types(dtype, float32)``.
-    """
-    check_learning_rate(learning_rate)
-    check_range("weight_decay", weight_decay, 0.0)
-
-    def init_fn(params):
-        del params
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("scale_and_decay_after_update needs `params` in update()")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        decays = mask(params) if callable(mask) else mask
-        if decays is None:
-            decays = True
-        decays = jax.tree.map(  # a prefix mask: one bool for a whole subtree
-            lambda flag, sub: jax.tree.map(lambda _: flag, sub),
-            decays,
-            params,
-            is_leaf=_is_masked,
-        )
-
-        def leaf(d, p, decay):
-            dtype = compute_dtype(d.dtype, p.dtype)
-            lr_, wd_ = jnp.asarray(lr).astype(dtype), jnp.asarray(weight_decay).astype(dtype)
-            step = -lr_ * d.astype(dtype)
-            if decay:
-                step = step - lr_ * wd_ * (p.astype(dtype) + step)
-            return step.astype(d.dtype)
-
-        out = jax.tree.map(leaf, updates, params, decays)
-        return out, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
 

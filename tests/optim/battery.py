@@ -32,6 +32,14 @@ The checks (each function's docstring states what it guarantees):
 ``dtypes``             f32 and bf16 params: updates in the params' dtypes, state dtypes fixed
 ``no_recompilation``   a jitted update called repeatedly compiles once
 ``sharding``           on an 8-device ``fsdp`` mesh the params' buffers keep the params' shardings
+``sharding_explicit``  the same on a mesh with Explicit axes (``jax.make_mesh``'s default): init and
+                       update give the same state types, with and without ``jit``
+``complex``            complex params work (complex updates and state) or ``init`` raises a
+                       ``TypeError`` naming the leaf; never a silent cast to real
+``skip_nonfinite``     inside ``optax.apply_if_finite`` a NaN or Inf gradient leaves the state as
+                       it was and gives zero updates; the next finite steps equal a run without it
+``convergence_bf16``   bfloat16 params with the default state dtype minimize the quadratic (the
+                       state's ``1 - decay`` must not round to 0 in bfloat16)
 ``inject_hyperparams`` ``optax.inject_hyperparams(factory)`` gives the same updates as ``factory``
 ``schedule``           ``learning_rate=optax.constant_schedule(lr)`` equals ``learning_rate=lr``
                        (only for a case with a learning rate)
@@ -95,6 +103,9 @@ class Case:
         requires ``max |x - x*| <= quadratic_tol`` (the targets ``x*`` are in ``[-1, 1]``).
       logistic_steps, logistic_tol: the logistic check runs this many steps from zero and requires
         ``loss(x) - loss(x*) <= logistic_tol`` (the initial gap is 0.22).
+      bf16_tol: the bfloat16 quadratic check requires ``max |x - x*| <= bf16_tol`` (bfloat16's
+        spacing near 1 is 2**-7, and optax.adamw stalls at 0.057 on it: 0.1 passes that and
+        fails a divergence).
       rtol, atol: tolerances of the equivalence checks (inject_hyperparams, schedule,
         multi_steps); the compared computations are the same maths, so they are tight.
       param_shapes: a nested dict of shapes replacing :data:`PARAM_SHAPES` for the
@@ -113,6 +124,7 @@ class Case:
     quadratic_tol: float = 1e-2
     logistic_steps: int = 500
     logistic_tol: float = 1e-4
+    bf16_tol: float = 0.1
     rtol: float = 1e-6
     atol: float = 1e-7
     param_shapes: Mapping[str, Any] | None = None
@@ -390,7 +402,7 @@ def check_no_recompilation(case: Case) -> None:
         )
 
 
-def check_sharding(case: Case) -> None:
+def check_sharding(case: Case, axis_type: Any = jax.sharding.AxisType.Auto) -> None:
     """Per-parameter buffers live in their parameter's sharding on an 8-device ``fsdp`` mesh.
 
     2-D params whose first dimension divides by 8 are sharded ``P("fsdp", None)``, the others
@@ -402,7 +414,7 @@ def check_sharding(case: Case) -> None:
     (``is_equivalent_to``), and that the state's shardings after 1 and after 3 updates are
     identical (so a training loop settles on one compiled update).
     """
-    mesh = jax.make_mesh((NUM_DEVICES,), (MESH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((NUM_DEVICES,), (MESH_AXIS,), axis_types=(axis_type,))
     replicated = NamedSharding(mesh, P())
 
     def param_sharding(p):
@@ -452,6 +464,116 @@ def check_sharding(case: Case) -> None:
         ]
         assert not changed, f"[{case.name}] state shardings changed from update 1 to 3\n" + (
             "\n".join(changed)
+        )
+
+
+def check_sharding_explicit(case: Case) -> None:
+    """The sharding check on an Explicit-axes mesh, plus optax's ``sharding_test`` cases.
+
+    With Explicit axes a sharding is part of an array's type, so a state buffer created without
+    its param's sharding (``jnp.zeros(p.shape)``) changes type on the first update, and a reshape
+    or gather of a sharded gradient must say where its result lives. Guarantees what
+    :func:`check_sharding` does on such a mesh, and that an unjitted ``init`` + ``update`` gives
+    the same state types (``jax.typeof``, shardings included) as the jitted ones.
+    """
+    check_sharding(case, jax.sharding.AxisType.Explicit)
+    mesh = jax.make_mesh((NUM_DEVICES,), (MESH_AXIS,), axis_types=(jax.sharding.AxisType.Explicit,))
+    with _promotion(case), jax.sharding.set_mesh(mesh):
+        tx = case.make()
+        shapes = _shapes(case)
+
+        def put(tree):
+            return jax.tree.map(
+                lambda x: jax.device_put(
+                    x,
+                    NamedSharding(
+                        mesh, P(MESH_AXIS, None) if x.ndim == 2 and x.shape[0] % 8 == 0 else P()
+                    ),
+                ),
+                tree,
+            )
+
+        params, grads = put(_normal_tree(shapes, seed=0)), put(_normal_tree(shapes, seed=100))
+        eager_state = tx.init(params)
+        _, eager_next = tx.update(grads, eager_state, params)
+        jit_state = jax.jit(tx.init)(params)
+        _, jit_next = jax.jit(tx.update)(grads, jit_state, params)
+        types = lambda tree: [str(jax.typeof(x)) for x in jax.tree.leaves(tree)]
+        for what, a, b in (
+            ("init (eager) vs update (eager)", eager_state, eager_next),
+            ("init (jit) vs update (jit)", jit_state, jit_next),
+            ("init (eager) vs init (jit)", eager_state, jit_state),
+        ):
+            assert types(a) == types(b), (
+                f"[{case.name}] explicit mesh: state types differ, {what}\n  {types(a)}\n  "
+                f"{types(b)}"
+            )
+
+
+def check_complex(case: Case) -> None:
+    """Complex params are handled, or refused at ``init`` with a ``TypeError``.
+
+    Guarantees that ``init`` on complex64 params either raises ``TypeError`` whose message names
+    the complex leaf, or returns a state with which ``update`` gives complex64 updates (nothing
+    silently truncated to its real part).
+    """
+    with _promotion(case):
+        tx = case.make()
+        params = {"z": jnp.asarray(np.arange(6.0).reshape(2, 3) * (1 + 1j), jnp.complex64)}
+        try:
+            state = tx.init(params)
+        except TypeError as e:
+            assert "['z']" in str(e) and "complex" in str(e), (
+                f"[{case.name}] complex rejection does not name the leaf: {e}"
+            )
+            return
+        updates, _ = tx.update(jax.tree.map(lambda p: p * (1 - 2j), params), state, params)
+        assert updates["z"].dtype == jnp.complex64, f"[{case.name}] complex updates became real"
+        assert np.any(np.imag(np.asarray(updates["z"])) != 0), f"[{case.name}] imaginary part lost"
+
+
+def check_skip_nonfinite(case: Case) -> None:
+    """``optax.apply_if_finite(tx)`` skips a non-finite step with nothing corrupted.
+
+    Runs the wrapped transform on ``g1, NaN, Inf, g2, g3`` (one NaN or Inf coordinate in an
+    otherwise finite gradient) and the bare transform on ``g1, g2, g3``. Guarantees that the
+    non-finite steps return all-zero updates and that every other step's updates and the final
+    inner state equal the bare run's (``rtol``/``atol``). The wrapper runs under ``"standard"``
+    promotion (optax's counters); the transform keeps the case's mode.
+    """
+    with _promotion(case):
+        mode = jax.config.jax_numpy_dtype_promotion
+        tx = case.make()
+        shapes = _shapes(case)
+        params = _normal_tree(shapes, seed=0)
+        good = [_normal_tree(shapes, seed=100 + k) for k in range(3)]
+
+        def poisoned(value):
+            tree = _normal_tree(shapes, seed=200)
+            first, treedef = jax.tree.flatten(tree)
+            first[0] = first[0].reshape(-1).at[0].set(value).reshape(first[0].shape)
+            return treedef.unflatten(first)
+
+        update = jax.jit(tx.update)
+        state = jax.jit(tx.init)(params)
+        expected = []
+        for g in good:
+            updates, state = update(g, state, params)
+            expected.append(updates)
+        safe = optax.apply_if_finite(_under(tx, mode), max_consecutive_errors=5)
+        with jax.numpy_dtype_promotion("standard"):
+            safe_update = jax.jit(safe.update)
+            safe_state = jax.jit(safe.init)(params)
+            got = []
+            for g in (good[0], poisoned(jnp.nan), poisoned(jnp.inf), good[1], good[2]):
+                updates, safe_state = safe_update(g, safe_state, params)
+                got.append(updates)
+        for k in (1, 2):
+            assert _is_zero(got[k]), f"[{case.name}] a non-finite step changed the params"
+        for k, want in ((0, expected[0]), (3, expected[1]), (4, expected[2])):
+            _assert_trees_close(got[k], want, case, f"[{case.name}] apply_if_finite step {k + 1}")
+        _assert_trees_close(
+            safe_state.inner_state, state, case, f"[{case.name}] state after skipped steps"
         )
 
 
@@ -622,6 +744,30 @@ def check_convergence_quadratic(case: Case) -> None:
         )
 
 
+def check_convergence_bf16(case: Case) -> None:
+    """Minimizes the quadratic with bfloat16 params and the default (bfloat16) state dtype.
+
+    Guarantees ``max |x - x*| <= case.bf16_tol`` after ``case.quadratic_steps`` jitted steps from
+    zero: the moments' ``1 - decay`` must be computed in at least float32 (in bfloat16,
+    ``1 - 0.999`` is 0 and the second moment never grows). ``optax.adamw`` passes it.
+    """
+    with _promotion(case):
+        loss32, start, target = quadratic_problem()
+
+        def loss(params):
+            return loss32(jax.tree.map(lambda x: x.astype(jnp.float32), params))
+
+        start = jax.tree.map(lambda x: x.astype(jnp.bfloat16), start)
+        final = _minimize(case, loss, start, case.quadratic_steps)
+        err = max(
+            float(np.max(np.abs(np.asarray(final[k], np.float32) - target[k]))) for k in target
+        )
+        assert np.isfinite(err) and err <= case.bf16_tol, (
+            f"[{case.name}] bfloat16 quadratic: max |x - x*| = {err:.3g} > {case.bf16_tol:g} "
+            f"after {case.quadratic_steps} steps"
+        )
+
+
 def check_convergence_logistic(case: Case) -> None:
     """Minimizes an L2-regularized logistic regression (see :func:`logistic_problem`).
 
@@ -646,11 +792,15 @@ CHECKS: Mapping[str, Callable[[Case], None]] = {
     "dtypes": check_dtypes,
     "no_recompilation": check_no_recompilation,
     "sharding": check_sharding,
+    "sharding_explicit": check_sharding_explicit,
+    "complex": check_complex,
+    "skip_nonfinite": check_skip_nonfinite,
     "inject_hyperparams": check_inject_hyperparams,
     "schedule": check_schedule,
     "multi_steps": check_multi_steps,
     "convergence_quadratic": check_convergence_quadratic,
     "convergence_logistic": check_convergence_logistic,
+    "convergence_bf16": check_convergence_bf16,
 }
 """Every check, by name, in the order :func:`run_all` runs them (structure before maths)."""
 

@@ -87,8 +87,11 @@ class Spam:
 
 
 class DiffGrad:
-    def __init__(self, shapes, *, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """``decoupled``: AdamW-style decay ``p -= lr * wd * p`` instead of the original's L2."""
+
+    def __init__(self, shapes, *, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, decoupled=False):
         self.hp = dict(lr=lr, b1=b1, b2=b2, eps=eps, wd=wd)
+        self.decoupled = decoupled
         self.m = {k: np.zeros(s) for k, s in shapes.items()}
         self.v = {k: np.zeros(s) for k, s in shapes.items()}
         self.prev = {k: np.zeros(s) for k, s in shapes.items()}
@@ -99,13 +102,14 @@ class DiffGrad:
         self.k += 1
         out = {}
         for name, p in params.items():
-            g = grads[name] + h["wd"] * p
+            g = grads[name] if self.decoupled else grads[name] + h["wd"] * p
             self.m[name] = h["b1"] * self.m[name] + (1 - h["b1"]) * g
             self.v[name] = h["b2"] * self.v[name] + (1 - h["b2"]) * g * g
             xi = 1.0 / (1.0 + np.exp(-np.abs(self.prev[name] - g)))
             self.prev[name] = g
             scale = math.sqrt(1 - h["b2"] ** self.k) / (1 - h["b1"] ** self.k)
-            out[name] = p - h["lr"] * scale * self.m[name] * xi / (np.sqrt(self.v[name]) + h["eps"])
+            u = scale * self.m[name] * xi / (np.sqrt(self.v[name]) + h["eps"])
+            out[name] = p - h["lr"] * (u + (h["wd"] * p if self.decoupled else 0.0))
         return out
 
 
@@ -213,6 +217,11 @@ class Frugal:
         active = blocks(refresh_index) if (self.mode == "block" and refresh) else None
         if active is not None:
             self.active = active
+            # inactive blocks hold no state: one that leaves the active set loses its moments
+            # (only observable without a reset, which drops every block's moments anyway)
+            for moments in (self.m, self.v):
+                for key in [k for k in moments if k.startswith("P:") and k[2:] not in active]:
+                    del moments[key]
         out = {}
         for name, g in grads.items():
             if not self.projectable[name]:

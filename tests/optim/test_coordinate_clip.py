@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import optim
 from jaxlib_ext import costs
 from parallel.mesh import make_mesh
-from tests.optim import battery, reference
+from tests.optim import battery, precision, reference
 
 
 def _tree(rng, ties=False):
@@ -25,18 +25,30 @@ def _tree(rng, ties=False):
     return {k: v.astype(np.float32) for k, v in tree.items()}
 
 
+@precision.DTYPES
 @pytest.mark.parametrize("seed", range(6))
-def test_matches_sorting_reference(seed):
+def test_matches_sorting_reference(seed, dtype):
+    """Exact: the same coordinates clipped to the same value as a float64 sort (float64 trees
+    hold values float32 cannot, so their threshold needs the 64-bit radix passes)."""
     rng = np.random.default_rng(seed)
     tree = _tree(rng, ties=seed % 3 == 0)
-    for c in (0.0, 0.01, 0.1, 0.37, 0.5, 0.99, 1.0, float(rng.random())):
-        for scale in (1.0, 0.5):
-            got = optim.clip_top(tree, c, scale)
-            want = reference.clip_top({k: v.astype(np.float64) for k, v in tree.items()}, c, scale)
-            for k in tree:
-                np.testing.assert_array_equal(
-                    got[k], want[k].astype(np.float32), err_msg=f"c={c}, scale={scale}"
+    if dtype == "float64":  # values 1 ulp (f64) apart, indistinguishable in float32
+        tree = {
+            k: v.astype(np.float64) * (1 + 1e-15 * np.arange(v.size).reshape(v.shape))
+            for k, v in tree.items()
+        }
+    with precision.precision(dtype) as jdtype:
+        for c in (0.0, 0.01, 0.1, 0.37, 0.5, 0.99, 1.0, float(rng.random())):
+            for scale in (1.0, 0.5):
+                got = optim.clip_top(precision.cast(tree, jdtype), c, scale)
+                want = reference.clip_top(
+                    {k: v.astype(np.float64) for k, v in tree.items()}, c, scale
                 )
+                for k in tree:
+                    assert got[k].dtype == jdtype
+                    np.testing.assert_array_equal(
+                        got[k], want[k].astype(dtype), err_msg=f"c={c}, scale={scale}"
+                    )
 
 
 def test_zero_fraction_is_the_identity_and_one_zeroes_everything():
@@ -103,12 +115,18 @@ def test_shard_map_with_axis_name_matches_global(devices):
         np.testing.assert_array_equal(got[k], want[k].astype(np.float32))
 
 
+@precision.DTYPES
 @pytest.mark.parametrize("update_fraction", [0.0, 0.1])
-def test_adam_coordinate_clipped_matches_reference(update_fraction):
+def test_adam_coordinate_clipped_matches_reference(update_fraction, dtype):
+    with precision.precision(dtype) as jdtype:
+        _adam_coordinate_clipped(update_fraction, dtype, jdtype)
+
+
+def _adam_coordinate_clipped(update_fraction, dtype, jdtype):
     shapes = {"w": (8, 4), "b": (4,)}
     rng = np.random.default_rng(2)
     p64 = {k: rng.standard_normal(s) for k, s in shapes.items()}
-    params = {k: jnp.asarray(v, jnp.float32) for k, v in p64.items()}
+    params = precision.cast(p64, jdtype)
     tx = optim.adam_coordinate_clipped(
         1e-2, 0.05, update_fraction=update_fraction, weight_decay=0.01
     )
@@ -122,11 +140,14 @@ def test_adam_coordinate_clipped_matches_reference(update_fraction):
 
     for s in range(1, 41):
         g = {k: rng.standard_normal(v) * (20.0 if s % 7 == 0 else 1.0) for k, v in shapes.items()}
-        params, state = step(params, state, {k: jnp.asarray(v, jnp.float32) for k, v in g.items()})
+        params, state = step(params, state, precision.cast(g, jdtype))
         p64 = ref.step(p64, g)
         for k in shapes:
             np.testing.assert_allclose(
-                params[k], p64[k], rtol=1e-4, atol=1e-5, err_msg=f"step {s}, leaf {k}"
+                params[k],
+                p64[k],
+                **precision.tolerance(dtype, rtol=1e-4, atol=1e-5),
+                err_msg=f"step {s}, leaf {k}",
             )
 
 
@@ -142,16 +163,21 @@ def test_adam_placement_differs_from_clip_then_adam():
     np.testing.assert_allclose(b["w"][0], 1.0, rtol=1e-5)
 
 
-def test_sgd_coordinate_clipped_clips_before_momentum():
-    tx = optim.sgd_coordinate_clipped(0.1, 0.25, momentum=0.5)
-    p = {"w": jnp.zeros(4)}
-    state = tx.init(p)
-    grads = [np.array([8.0, 1.0, -2.0, 0.5]), np.array([1.0, -9.0, 2.0, 3.0])]
-    trace = np.zeros(4)
-    for g in grads:
-        upd, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, p)
-        trace = 0.5 * trace + reference.clip_top({"w": g}, 0.25)["w"]
-        np.testing.assert_allclose(upd["w"], -0.1 * trace, rtol=1e-6)
+@precision.DTYPES
+def test_sgd_coordinate_clipped_clips_before_momentum(dtype):
+    rng = np.random.default_rng(5)
+    with precision.precision(dtype) as jdtype:
+        tx = optim.sgd_coordinate_clipped(0.1, 0.25, momentum=0.5)
+        p = {"w": jnp.zeros(16, jdtype)}
+        state = tx.init(p)
+        trace = np.zeros(16)
+        for _ in range(6):
+            g = rng.standard_normal(16) * rng.choice([1.0, 30.0], 16)
+            upd, state = tx.update({"w": jnp.asarray(g, jdtype)}, state, p)
+            trace = 0.5 * trace + reference.clip_top({"w": g}, 0.25)["w"]
+            np.testing.assert_allclose(
+                upd["w"], -0.1 * trace, **precision.tolerance(dtype, rtol=1e-6, atol=1e-6)
+            )
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,18 @@ import optax
 import pytest
 
 import optim
-from tests.optim import battery, reference
+from tests.optim import battery, precision, reference
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 
 
-def _run(tx, steps, seed, wd=0.0):
+def _run(tx, steps, seed, wd=0.0, dtype="float32", decoupled=False):
     rng = np.random.default_rng(seed)
     p64 = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
-    params = {k: jnp.asarray(v, jnp.float32) for k, v in p64.items()}
+    jdtype = jnp.dtype(dtype)
+    params = precision.cast(p64, jdtype)
     state = tx.init(params)
-    ref = reference.DiffGrad(SHAPES, lr=1e-2, wd=wd)
+    ref = reference.DiffGrad(SHAPES, lr=1e-2, wd=wd, decoupled=decoupled)
 
     @jax.jit
     def step(params, state, g):
@@ -26,21 +27,26 @@ def _run(tx, steps, seed, wd=0.0):
 
     for s in range(1, steps + 1):
         g64 = {k: rng.standard_normal(v) * (1 + 0.1 * s) for k, v in SHAPES.items()}
-        params, state = step(
-            params, state, {k: jnp.asarray(v, jnp.float32) for k, v in g64.items()}
-        )
+        params, state = step(params, state, precision.cast(g64, jdtype))
         p64 = ref.step(p64, g64)
         for k in SHAPES:
             np.testing.assert_allclose(
-                params[k], p64[k], rtol=1e-4, atol=1e-5, err_msg=f"step {s}, leaf {k}"
+                params[k],
+                p64[k],
+                **precision.tolerance(dtype, rtol=1e-4, atol=1e-5),
+                err_msg=f"step {s}, leaf {k}",
             )
     return state
 
 
-@pytest.mark.parametrize("wd", [0.0, 0.05])
-def test_trajectory_matches_reference(wd):
-    state = _run(optim.diffgrad(1e-2, weight_decay=wd), 60, seed=0, wd=wd)
-    assert int(state[1].count) == 60
+@precision.DTYPES
+@pytest.mark.parametrize(("wd", "decoupled"), [(0.0, False), (0.05, False), (0.05, True)])
+def test_trajectory_matches_reference(wd, decoupled, dtype):
+    tx = optim.diffgrad(1e-2, weight_decay=wd, decoupled_weight_decay=decoupled)
+    with precision.precision(dtype):
+        state = _run(tx, 60, seed=0, wd=wd, dtype=dtype, decoupled=decoupled)
+    count = state[0].count if decoupled else state[1].count
+    assert int(count) == 60
 
 
 def test_first_step_friction_is_sigmoid_of_the_gradient_not_one_half():
@@ -105,18 +111,23 @@ def test_bad_hyperparameters_raise(kwargs, message):
         optim.diffgrad(**kwargs)
 
 
+# bf16: near the optimum diffGrad's friction halves its steps, and bfloat16 params round them
+# away sooner than Adam's (max |x - x*| = 0.143 after 500 steps, the same with float32 state,
+# so it is the params' rounding; optax.adam stalls at 0.057): 0.2 still fails a divergence.
 BATTERY = [
     battery.Case(
         name="diffgrad",
         factory=optim.diffgrad,
         kwargs=dict(learning_rate=1e-2, weight_decay=1e-4),
         logistic_steps=1500,
+        bf16_tol=0.2,
     ),
     battery.Case(
         name="diffgrad-decoupled",
         factory=optim.diffgrad,
         kwargs=dict(learning_rate=1e-2, weight_decay=1e-4, decoupled_weight_decay=True),
         logistic_steps=1500,
+        bf16_tol=0.2,
     ),
 ]
 

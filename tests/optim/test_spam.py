@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import optim
-from tests.optim import battery, reference
+from tests.optim import battery, precision, reference
 
 SHAPES = {"w": (6, 5), "b": (5,)}
 HP = dict(
@@ -63,30 +63,39 @@ def test_warmup_factor_matches_the_spec():
     assert got[48] == 1.0 and got[59] == 1.0  # before the first reset; after N steps
 
 
-def test_direction_matches_reference_over_resets_and_spikes():
+@precision.DTYPES
+def test_direction_matches_reference_over_resets_and_spikes(dtype):
     steps = 130
-    tx = optim.scale_by_spam(**HP)
-    params = _to32({k: np.zeros(s) for k, s in SHAPES.items()})
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    ref = _ref(lr=1.0)
-    ref_params = {k: np.zeros(s) for k, s in SHAPES.items()}
-    for s, g in enumerate(_grads(steps), start=1):
-        out, state = update(_to32(g), state, params)
-        _, want = ref.step(ref_params, g)
-        for k in SHAPES:
-            np.testing.assert_allclose(
-                out[k], want[k], rtol=2e-4, atol=1e-5, err_msg=f"step {s}, leaf {k}"
-            )
-    assert int(state.count) == steps
+    tol = precision.tolerance(dtype, rtol=2e-4, atol=1e-5)
+    with precision.precision(dtype) as jdtype:
+        tx = optim.scale_by_spam(**HP)
+        params = precision.cast({k: np.zeros(s) for k, s in SHAPES.items()}, jdtype)
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        ref = _ref(lr=1.0)
+        ref_params = {k: np.zeros(s) for k, s in SHAPES.items()}
+        for s, g in enumerate(_grads(steps), start=1):
+            out, state = update(precision.cast(g, jdtype), state, params)
+            _, want = ref.step(ref_params, g)
+            for k in SHAPES:
+                assert out[k].dtype == jdtype
+                np.testing.assert_allclose(out[k], want[k], **tol, err_msg=f"step {s}, leaf {k}")
+        assert int(state.count) == steps
 
 
-def test_spam_with_schedule_and_exact_weight_decay_tracks_reference():
+@precision.DTYPES
+def test_spam_with_schedule_and_exact_weight_decay_tracks_reference(dtype):
+    with precision.precision(dtype) as jdtype:
+        _schedule_and_weight_decay(dtype, jdtype)
+
+
+def _schedule_and_weight_decay(dtype, jdtype):
     schedule = optax.linear_schedule(1e-2, 1e-3, 130)
+    lr_at = jax.jit(schedule)
     tx = optim.spam(schedule, weight_decay=0.1, **HP)
     rng = np.random.default_rng(1)
     p64 = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
-    params = _to32(p64)
+    params = precision.cast(p64, jdtype)
     state = tx.init(params)
     ref = _ref(lr=1.0, wd=0.1)
 
@@ -96,12 +105,17 @@ def test_spam_with_schedule_and_exact_weight_decay_tracks_reference():
         return optax.apply_updates(params, updates), state
 
     for s, g in enumerate(_grads(130, seed=2), start=1):
-        ref.hp["lr"] = float(schedule(s - 1))
-        params, state = step(params, state, _to32(g))
+        # the schedule's own float32 value, computed as in the jitted step (eager op-by-op
+        # float32 may differ in the last bit, 6e-8, which float64 would see)
+        ref.hp["lr"] = float(lr_at(jnp.asarray(s - 1, jnp.int32)))
+        params, state = step(params, state, precision.cast(g, jdtype))
         p64, _ = ref.step(p64, g)
         for k in SHAPES:
             np.testing.assert_allclose(
-                params[k], p64[k], rtol=1e-4, atol=1e-5, err_msg=f"step {s}, leaf {k}"
+                params[k],
+                p64[k],
+                **precision.tolerance(dtype, rtol=1e-4, atol=1e-5),
+                err_msg=f"step {s}, leaf {k}",
             )
 
 
@@ -114,9 +128,15 @@ def test_decay_after_update_is_not_the_first_order_approximation():
     np.testing.assert_allclose(p["w"] + upd["w"], (1 - lr) * (1 - lr * wd), rtol=1e-6)
 
 
-def test_sparse_momentum_matches_reference_with_injected_masks():
+@precision.DTYPES
+def test_sparse_momentum_matches_reference_with_injected_masks(dtype):
+    with precision.precision(dtype) as jdtype:
+        _sparse_momentum(dtype, jdtype)
+
+
+def _sparse_momentum(dtype, jdtype):
     tx = optim.scale_by_spam(**HP, density=0.5, seed=3)
-    params = _to32({k: np.zeros(s) for k, s in SHAPES.items()})
+    params = precision.cast({k: np.zeros(s) for k, s in SHAPES.items()}, jdtype)
     state = tx.init(params)
     assert state.indices["w"].shape == (15,) and isinstance(state.indices["b"], optax.MaskedNode)
     assert state.mu["w"].shape == (15,) and state.mu["b"].shape == (5,)
@@ -127,11 +147,14 @@ def test_sparse_momentum_matches_reference_with_injected_masks():
     ref.set_sparse("w", current)
     seen = [current]
     for s, g in enumerate(_grads(130, seed=4), start=1):
-        out, state = update(_to32(g), state, params)
+        out, state = update(precision.cast(g, jdtype), state, params)
         _, want = ref.step(ref_params, g, indices={"w": current})
         for k in SHAPES:
             np.testing.assert_allclose(
-                out[k], want[k], rtol=2e-4, atol=1e-5, err_msg=f"step {s}, leaf {k}"
+                out[k],
+                want[k],
+                **precision.tolerance(dtype, rtol=2e-4, atol=1e-5),
+                err_msg=f"step {s}, leaf {k}",
             )
         off = np.setdiff1d(np.arange(30), current)
         assert np.all(np.asarray(out["w"]).reshape(-1)[off] == 0), "no update off the mask"
