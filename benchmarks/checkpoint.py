@@ -11,8 +11,8 @@ the per-round ratios.
    ``save()`` + ``wait()`` with ``async_save=False``; the train step that runs (donating the state)
    while the asynchronous write is in flight, against a step alone; the asynchronous save alone
    (``save()`` + ``wait()``, nothing in between); and the Checkpointer's checksum pass alone (its
-   ``jaxlib_ext.checksums.checksum_strings``, which ``save`` runs before handing the arrays to
-   Orbax).
+   ``jaxlib_ext.checkpoint.checksums.checksum_strings``, which ``save`` runs before handing the
+   arrays to Orbax).
 2. Throughput: logical state bytes over the synchronous save time and over the restore time (onto
    the saving mesh; with ``verify="full"`` and ``"none"``), against Orbax alone
    (``ocp.StandardCheckpointer`` of the same state) and the same arrays written as raw bytes
@@ -282,7 +282,7 @@ def raw_read(target, directory: Path) -> tuple[float, float]:
 def checksum_pass():
     """The Checkpointer's checksum pass over a list of arrays, timed on its own to split the
     save stall."""
-    from jaxlib_ext.checksums import checksum_strings
+    from jaxlib_ext.checkpoint.checksums import checksum_strings
 
     return checksum_strings
 

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlib_ext.layouts import PermuteAxis
+from jaxlib_ext.checkpoint.layouts import PermuteAxis
 from jaxlib_ext.train import (
     TrainState,
     apply_optimizer,

@@ -11,7 +11,7 @@ import pytest
 import optim
 from jaxlib_ext import checkpoint as C
 from jaxlib_ext import train
-from jaxlib_ext.layouts import flatten
+from jaxlib_ext.checkpoint.layouts import flatten
 from jaxlib_ext.model import LanguageModel, LMConfig
 from parallel.mesh import make_mesh
 from tests.jaxlib_ext.states import unwrapped

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlib_ext import costs
-from jaxlib_ext.checksums import checksum_strings, checksums
+from jaxlib_ext.checkpoint.checksums import checksum_strings, checksums
 from parallel.mesh import make_mesh
 
 

@@ -9,8 +9,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlib_ext import checkpoint as C
-from jaxlib_ext import layouts as L
 from jaxlib_ext import train
+from jaxlib_ext.checkpoint import layouts as L
 from jaxlib_ext.model import LanguageModel, LMConfig
 from parallel.mesh import make_mesh
 

@@ -12,7 +12,7 @@ recorded) with ``inverse()``; ``layout.inverse()(layout(state)) == state`` bit f
 
 A leaf a layout's pattern names but whose shape does not fit (a FRUGAL projection of a stacked
 weight, a sparse SPAM moment) is left as it is; a restore then reports it by path if the target
-wants it in the other layout (see :mod:`jaxlib_ext.restore_plan`).
+wants it in the other layout (see :mod:`jaxlib_ext.checkpoint.restore_plan`).
 
 Pass layouts to :meth:`jaxlib_ext.checkpoint.Checkpointer.restore` to restore a checkpoint saved
 in one layout into a target in another, or call them on ``flatten(state)`` directly.
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlib_ext.restore_plan import leaf_key
+from jaxlib_ext.checkpoint.restore_plan import leaf_key
 
 Flat = dict[str, Any]
 
