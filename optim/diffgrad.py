@@ -113,8 +113,8 @@ def scale_by_diffgrad(
         def direction(g, prev, m, v):
             dtype = compute_dtype(g.dtype, prev.dtype, m.dtype, v.dtype)
             friction = jax.nn.sigmoid(jnp.abs(prev.astype(dtype) - g.astype(dtype)))
-            adam = adam_direction(m, v, count, b1, b2, eps, outer_eps=True).astype(dtype)
-            return (adam * friction).astype(g.dtype)
+            u = adam_direction(m, v, count, b1, b2, eps, outer_eps=True, scale=friction)
+            return u.astype(g.dtype)
 
         out = jax.tree.map(direction, updates, state.prev_grad, mu, nu)
         # `after`: write the new previous gradient only once the direction has read the old one

@@ -75,17 +75,23 @@ def adam_direction(
     eps: Any,
     *,
     outer_eps: bool = False,
+    scale: Any = None,
 ) -> jax.Array:
     r"""Adam's direction from updated moments, in ``compute_dtype(mu, nu)``.
 
     Inner eps (optax, PyTorch Adam, FRUGAL): :math:`\hat m / (\sqrt{\hat v} + \epsilon)` with
     :math:`\hat m = m / (1-\beta_1^k)`, :math:`\hat v = v / (1-\beta_2^k)`. Outer eps (SPAM,
     diffGrad): :math:`\frac{\sqrt{1-\beta_2^k}}{1-\beta_1^k}\, m / (\sqrt v + \epsilon)`. The two
-    differ by :math:`\epsilon (1/\sqrt{1-\beta_2^k} - 1)` in the denominator.
+    differ by :math:`\epsilon (1/\sqrt{1-\beta_2^k} - 1)` in the denominator. ``scale`` (an
+    array or scalar in the compute dtype) multiplies the numerator: diffGrad's friction, SPAM's
+    warmup factor. Kept in the numerator, before the division, it lets XLA fuse the donated
+    steps without an extra params-sized buffer (measured: a trailing multiply cost one).
     """
     dtype = compute_dtype(mu.dtype, nu.dtype)
     bc1, bc2 = bias_correction(b1, count, dtype), bias_correction(b2, count, dtype)
     m, v, e = mu.astype(dtype), nu.astype(dtype), jnp.asarray(eps).astype(dtype)
+    if scale is not None:
+        m = m * jnp.asarray(scale).astype(dtype)
     if outer_eps:
         return (jnp.sqrt(bc2) / bc1) * m / (jnp.sqrt(v) + e)
     return (m / bc1) / (jnp.sqrt(v / bc2) + e)

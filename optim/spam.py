@@ -287,8 +287,10 @@ def scale_by_spam(
             # square root, so that XLA can fuse each moment update on its own.
             m = ema(m, clip_spike(gk, v, spike_threshold, active), b1)
             v = after(ema(v, clipped_square(gk, v, spike_threshold, active), b2), m)
-            u = adam_direction(m, v, count, b1, b2, eps, outer_eps=True)
-            u = u * spam_warmup_factor(count, reset_interval, warmup_steps, u.dtype)
+            warmup = spam_warmup_factor(
+                count, reset_interval, warmup_steps, compute_dtype(m.dtype, v.dtype)
+            )
+            u = adam_direction(m, v, count, b1, b2, eps, outer_eps=True, scale=warmup)
             if sparse_leaf:
                 u = shard_like(jnp.zeros(g.size, u.dtype).at[idx].set(u).reshape(g.shape), g)
             return u.astype(g.dtype), m, v
