@@ -63,6 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an optimizer hyperparameter, e.g. --opt-arg reset_interval=100 (repeatable); "
         "the coordinate-clipped optimizers default to fraction=0.01",
     )
+    p.add_argument(
+        "--skip-nonfinite",
+        type=int,
+        default=5,
+        metavar="N",
+        help="skip a step whose gradients hold a NaN or Inf, leaving params and optimizer state "
+        "untouched, up to N in a row (optax.apply_if_finite; 0: never skip) (default: 5)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init and data seed")
     p.add_argument("--out", default=DEFAULTS["out"], help="output directory")
     p.add_argument("--data", default=None, help="text file or directory (default: Python stdlib)")
@@ -293,6 +301,20 @@ def run(args: argparse.Namespace) -> dict:
     return _train(args, *setup)
 
 
+def _skipped_steps(opt_state: Any) -> int | None:
+    """Steps ``optax.apply_if_finite`` skipped so far (None when the optimizer is not wrapped)."""
+    import jax
+    import numpy as np
+    import optax
+
+    is_wrapper = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_wrapper) if is_wrapper(x)]
+    if not found:
+        return None
+    # a scalar per replica at most; every process holds a copy (read the local one)
+    return int(np.max(np.asarray(found[0].total_notfinite.addressable_data(0))))
+
+
 def _setup(args: argparse.Namespace):
     devices = _setup_devices(args.devices, args)
 
@@ -346,6 +368,10 @@ def _setup(args: argparse.Namespace):
     if args.optimizer.endswith("coordinate_clipped"):
         extra.setdefault("fraction", 0.01)
     tx = make_optimizer(args.optimizer, schedule, **extra)
+    if args.skip_nonfinite < 0:
+        raise ValueError(f"--skip-nonfinite must be >= 0, got {args.skip_nonfinite}")
+    if args.skip_nonfinite:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=args.skip_nonfinite)
     corpus = data.load_corpus(args.data)
     batches = data.TokenBatches(corpus, batch_size=args.batch_size, seq_len=args.seq_len)
     if args.sync:
@@ -631,6 +657,7 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
         "wall_seconds": wall,
         "num_params": model.num_params(),
         "optimizer_state_bytes": opt_bytes,
+        "nonfinite_steps_skipped": _skipped_steps(state.opt_state),
         "mesh": dict(mesh.shape),
         "step_cost": report.summary(),
     }
@@ -649,6 +676,11 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
         ("mesh", " x ".join(f"{k}={v}" for k, v in mesh.shape.items())),
         ("parameters", f"{model.num_params():,}"),
         ("optimizer state", costs.format_bytes(opt_bytes)),
+        *(
+            [("non-finite steps skipped", str(summary["nonfinite_steps_skipped"]))]
+            if summary["nonfinite_steps_skipped"] is not None
+            else []
+        ),
         ("steps", f"{start_step + 1}..{done} in {wall:.1f} s{' (SIGTERM)' if interrupted else ''}"),
         ("first / final loss", f"{losses[0]:.3f} / {losses[-1]:.3f} nats per byte"),
         ("mean of last 20", f"{summary['mean_loss_last_20']:.3f} (uniform: {math.log(256):.3f})"),

@@ -67,6 +67,7 @@ def test_demo_trains_writes_outputs_and_is_reproducible(tmp_path):
     assert sum(losses[-10:]) / 10 < math.log(256) - 2.0, losses[-10:]
     summary = runs[0]["summary"]
     assert summary["mesh"] == {"data": 2, "fsdp": 4}
+    assert summary["nonfinite_steps_skipped"] == 0, "apply_if_finite wraps the optimizer"
     assert summary["step_cost"]["wire_bytes_per_device"]["all-gather"] > 0
 
 
@@ -78,6 +79,7 @@ def test_demo_trains_writes_outputs_and_is_reproducible(tmp_path):
         (["--data", "/nonexistent/corpus.txt"], "data file or directory not found"),
         (["--optimizer", "sgd", "--weight-decay", "0.1"], "weight_decay"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--skip-nonfinite", "-1"], "--skip-nonfinite must be >= 0, got -1"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, flags, message):

@@ -158,3 +158,36 @@ def test_loss_is_next_token_cross_entropy():
     manual = -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1).mean()
     np.testing.assert_allclose(float(loss), float(manual), rtol=1e-6)
     np.testing.assert_allclose(float(extra["cross_entropy"]), float(manual), rtol=1e-6)
+
+
+def test_a_non_finite_step_is_skipped_with_apply_if_finite(mesh, batches):
+    """What the demo does by default (``--skip-nonfinite``): a step whose gradient holds a NaN
+    leaves params and optimizer state bit-exactly as they were, and training goes on."""
+    import optim
+
+    tx = optax.apply_if_finite(optim.spam(1e-3, reset_interval=100), max_consecutive_errors=3)
+    lm = LanguageModel(CFG, activation_sharding=activation_constraint(mesh))
+    shardings = train.train_state_shardings(lm, tx, mesh)
+    bsh = train.batch_sharding(mesh, global_batch=8)
+    state = train.init_train_state(lm, tx, shardings, seed=0)
+    base = train.lm_loss(lm)
+
+    def loss_fn(params, batch):  # a token id of 256 marks the poisoned batch
+        loss, metrics = base(params, jnp.minimum(batch, 255))
+        return loss * jnp.where(jnp.max(batch) > 255, jnp.nan, 1.0), metrics
+
+    step = train.make_train_step(loss_fn, tx, shardings, bsh)
+    state, _ = step(state, train.shard_batch(batches[0], bsh))
+    plain = lambda x: np.asarray(
+        jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+    )
+    before = jax.tree.map(plain, (state.params, state.opt_state.inner_state))
+    poisoned = batches[1].copy()
+    poisoned[0, 0] = 256
+    state, metrics = step(state, train.shard_batch(poisoned, bsh))
+    assert not np.isfinite(float(metrics["loss"]))
+    after = jax.tree.map(plain, (state.params, state.opt_state.inner_state))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    assert int(state.opt_state.total_notfinite) == 1
+    state, metrics = step(state, train.shard_batch(batches[2], bsh))
+    assert np.isfinite(float(metrics["loss"])) and int(state.opt_state.notfinite_count) == 0
