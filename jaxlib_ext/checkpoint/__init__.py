@@ -38,9 +38,11 @@ from jaxlib_ext.checkpoint.checkpointer import Checkpointer as Checkpointer
 from jaxlib_ext.checkpoint.checksums import checksum_strings as checksum_strings
 from jaxlib_ext.checkpoint.errors import CheckpointError as CheckpointError
 from jaxlib_ext.checkpoint.errors import CorruptCheckpointError as CorruptCheckpointError
+from jaxlib_ext.checkpoint.errors import DirectoryLockedError as DirectoryLockedError
 from jaxlib_ext.checkpoint.errors import IncompatibleLayoutError as IncompatibleLayoutError
 from jaxlib_ext.checkpoint.errors import MissingStepError as MissingStepError
 from jaxlib_ext.checkpoint.errors import SaveError as SaveError
+from jaxlib_ext.checkpoint.errors import StepConflictError as StepConflictError
 from jaxlib_ext.checkpoint.errors import StructureMismatchError as StructureMismatchError
 from jaxlib_ext.checkpoint.layouts import FuseProjection as FuseProjection
 from jaxlib_ext.checkpoint.layouts import Layout as Layout
@@ -62,6 +64,7 @@ __all__ = [
     "CheckpointError",
     "Checkpointer",
     "CorruptCheckpointError",
+    "DirectoryLockedError",
     "FuseProjection",
     "IncompatibleLayoutError",
     "Layout",
@@ -72,6 +75,7 @@ __all__ = [
     "SplitProjection",
     "StackLayers",
     "StackReplicas",
+    "StepConflictError",
     "StructureMismatchError",
     "UnstackLayers",
     "UnstackReplicas",

@@ -41,11 +41,27 @@ class IncompatibleLayoutError(CheckpointError):
     """The target's sharding cannot hold the saved array (e.g. a dimension not divisible)."""
 
 
+class StepConflictError(SaveError):
+    """A save of a step at or below the latest saved step, without ``overwrite=True``.
+
+    Orbax would skip such a save silently; after ``restore(fallback=True)`` went back past a
+    corrupt step, that would leave the corrupt step the latest. The message names the step and
+    the latest one and says how to proceed.
+    """
+
+
+class DirectoryLockedError(SaveError):
+    """Another live process (or another :class:`Checkpointer` in this one) holds the
+    directory's writer lock; the message names its pid and host. Readers are not affected."""
+
+
 __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
+    "DirectoryLockedError",
     "IncompatibleLayoutError",
     "MissingStepError",
     "SaveError",
+    "StepConflictError",
     "StructureMismatchError",
 ]

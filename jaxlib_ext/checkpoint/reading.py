@@ -44,6 +44,26 @@ def stored_struct(leaf: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(leaf.shape), jnp.dtype(leaf.dtype))
 
 
+def require_arrays(leaves: list[Any], keys: list[str], *, step: int | None, what: str) -> None:
+    """Raises :class:`StructureMismatchError` naming the first leaf that is not an array-like
+    (``jax.Array``, ``np.ndarray``, ``jax.ShapeDtypeStruct``: something with a shape and a
+    dtype), e.g. a Python float.
+
+    Args:
+      leaves: the leaves.
+      keys: their storage keys.
+      step: the step (for the message), if known.
+      what: ``"state"`` or ``"target"`` (for the message).
+    """
+    for key, leaf in zip(keys, leaves, strict=True):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            where = f"step {step}, " if step is not None else ""
+            raise StructureMismatchError(
+                f"{where}{what} leaf {key} is a {type(leaf).__name__} ({leaf!r}), not an array: "
+                "make it one (jnp.asarray) or keep it in `extra`"
+            )
+
+
 class Pairing:
     """The target's leaves, the saved leaves (converted by ``layouts``) and the plan that
     pairs them."""
@@ -52,6 +72,7 @@ class Pairing:
         leaves_with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(target)
         self.keys = [leaf_key(p) for p, _ in leaves_with_paths]
         self.leaves = [x for _, x in leaves_with_paths]
+        require_arrays(self.leaves, self.keys, step=info.get("step"), what="target")
         self.wanted = {k: stored_struct(x) for k, x in zip(self.keys, self.leaves, strict=True)}
         self.saved = {
             k: jax.ShapeDtypeStruct(
@@ -209,6 +230,12 @@ def restore_step(
             ) from err
     if plan.initialized:
         _log.warning("step %d restored with leaves from `init`:\n%s", step, plan)
+    elif plan.unused or "field" in plan.how.values():
+        _log.warning(  # a partial move: another kind of optimizer state, saved leaves dropped
+            "step %d restored into a state of another kind, not all of it carried over:\n%s",
+            step,
+            plan,
+        )
     elif any(t != s for t, s in plan.sources.items()):
         _log.info("step %d restored into an edited state:\n%s", step, plan)
 
@@ -251,6 +278,7 @@ __all__ = [
     "Pairing",
     "placement",
     "read_arrays",
+    "require_arrays",
     "restore_step",
     "short_error",
     "stored_struct",
