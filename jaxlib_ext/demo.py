@@ -574,6 +574,9 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
 
     ckpt = Checkpointer(args.checkpoint_dir) if args.checkpoint_dir else None
     start_step, data_state = 0, batches.initial_state(args.seed)
+    # Steps after the one resumed from: corrupt ones that the restore fell back past. The first
+    # save replaces them (overwrite=True); without it, that save would be refused.
+    replace_later = False
     if args.resume:
         try:
             state, extra = run.restore(ckpt)
@@ -586,13 +589,34 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
                 f"the checkpoint is at step {start_step}, not before --steps "
                 f"{args.steps}: nothing to train"
             )
+        later = [s for s in ckpt.steps() if s > start_step]
+        if later:
+            replace_later = True
+            print(
+                f"resumed from step {start_step}: the later steps {later} could not be "
+                "restored and are replaced by the next save",
+                flush=True,
+            )
     else:
+        if ckpt is not None and ckpt.steps():
+            raise UsageError(
+                f"{args.checkpoint_dir} already holds steps {ckpt.steps()}: pass --resume to "
+                "continue from them, or choose another --checkpoint-dir"
+            )
         state = run.init()
     step_fn = run.step
 
     def save(step: int) -> None:
+        nonlocal replace_later
         rules = run.rules or DEFAULT_RULES
-        ckpt.save(step, state, extra={"data": data_state.to_dict()}, rules=rules)
+        ckpt.save(
+            step,
+            state,
+            extra={"data": data_state.to_dict()},
+            rules=rules,
+            overwrite=replace_later,
+        )
+        replace_later = False
 
     first, _ = batches.batch(batches.initial_state(args.seed))
     report = costs.analyze(run.program or step_fn, state, run.shard(first))

@@ -46,3 +46,28 @@ def test_moe_block_runs_as_pasted(tmp_path):
     assert len(lines) == 7
     assert [int(line.split()[0]) for line in lines[:6]] == [1, 2, 3, 4, 5, 6]
     assert "all-gather" in lines[-1] and "all-to-all" in lines[-1]
+
+
+def test_checkpoint_blocks_run_as_pasted(tmp_path):
+    """The save/restore block, then the plain-Orbax block reading what it saved."""
+    save, read = _python_blocks("### Checkpoints")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    outputs = []
+    for block, path in ((save, str(REPO_ROOT)), (read, "")):
+        done = subprocess.run(
+            [sys.executable, "-c", block],
+            cwd=tmp_path,
+            env={**env, "PYTHONPATH": path},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        outputs.append(done.stdout.strip().splitlines())
+    assert outputs[0][:3] == [
+        "StepConflictError",
+        "opt_state/0/mu/w",
+        "[1, 2] {'data': {'index': 64}}",
+    ]
+    assert "'role': 'counter'" in outputs[0][3]
+    assert outputs[1] == ["2 ['opt_state', 'params', 'step'] {'data': {'index': 64}}"]
