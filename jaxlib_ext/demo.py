@@ -34,9 +34,21 @@ from typing import Any
 DEFAULTS = {"steps": 600, "devices": 8, "optimizer": "adamw", "seed": 0, "out": "demo_out"}
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` unless the help already says it or there is no default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m jaxlib_ext.demo", description=__doc__.split("\n")[0]
+        prog="python -m jaxlib_ext.demo",
+        description=__doc__.split("\n")[0],
+        formatter_class=_HelpWithDefaults,
     )
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps")
     p.add_argument("--devices", type=int, default=DEFAULTS["devices"], help="devices in the mesh")
@@ -69,16 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5,
         metavar="N",
         help="skip a step whose gradients hold a NaN or Inf, leaving params and optimizer state "
-        "untouched, up to N in a row (optax.apply_if_finite; 0: never skip) (default: 5)",
+        "untouched, up to N in a row (optax.apply_if_finite; 0: never skip)",
     )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init and data seed")
     p.add_argument("--out", default=DEFAULTS["out"], help="output directory")
     p.add_argument("--data", default=None, help="text file or directory (default: Python stdlib)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128, help="model width")
+    p.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--d-ff", type=int, default=None, help="MLP width (default 4 x d-model)")
     p.add_argument("--experts", type=int, default=0, help="MoE experts per MLP (0: dense MLP)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (MoE)")
@@ -199,10 +211,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "seq_len": 1,
         "warmup": 0,
         "checkpoint_every": 0,
+        "skip_nonfinite": 0,
+        "d_model": 1,
+        "layers": 1,
+        "heads": 1,
+        "experts": 0,
+        "top_k": 1,
+        "sync_every": 1,
+        "overlap": 0,
     }
     for name, low in minimum.items():
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for name in ("lr", "outer_lr"):  # finite and positive
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.weight_decay is not None and not (
+        math.isfinite(args.weight_decay) and args.weight_decay >= 0
+    ):
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     args.parser = p
     return args
 
@@ -260,24 +288,41 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def _plot(losses: list[float], path: Path, title: str, exchanged=None) -> None:
+def _plot(history: dict[str, list], path: Path, title: str) -> None:
+    """Cross-entropy against the true step numbers (a resumed run's earlier steps included);
+    the MoE router's auxiliary loss below it when there is one; bytes exchanged on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(losses) + 1), losses, lw=1, label="training loss")
+    steps = history["steps"]
+    aux = np.asarray(history["aux_loss"], dtype=float)
+    with_aux = bool(np.any(np.nan_to_num(aux) != 0))
+    fig, axes = plt.subplots(
+        2 if with_aux else 1,
+        1,
+        figsize=(7, 5.5 if with_aux else 4),
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]} if with_aux else None,
+    )
+    ax = axes[0, 0]
+    ax.plot(steps, history["cross_entropy"], lw=1, label="training cross-entropy")
     ax.axhline(math.log(256), color="gray", ls="--", lw=1, label="uniform over bytes (ln 256)")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title=title)
+    ax.set(ylabel="cross-entropy (nats / byte)", title=title)
     ax.legend(loc="upper center")
-    if exchanged is not None:
+    if history.get("bytes_exchanged") is not None:
         other = ax.twinx()
-        total = np.cumsum(exchanged) / 2**20
-        other.plot(range(1, len(total) + 1), total, color="C1", lw=1)
+        total = np.nancumsum(np.asarray(history["bytes_exchanged"], dtype=float)) / 2**20
+        other.plot(steps, total, color="C1", lw=1)
         other.set_ylabel("bytes exchanged across replicas, per device (MiB, cumulative)")
         other.yaxis.label.set_color("C1")
+    if with_aux:
+        axes[1, 0].plot(steps, aux, lw=1, color="C2")
+        axes[1, 0].set(ylabel="router aux loss")
+    axes[-1, 0].set(xlabel="step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -299,6 +344,51 @@ def run(args: argparse.Namespace) -> dict:
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err
     return _train(args, *setup)
+
+
+def _collectives(per_kind: dict[str, float]) -> str:
+    """``all-gather 2.91 MiB, all-reduce 7.17 MiB`` (per device and step), or ``none``."""
+    from jaxlib_ext import costs
+
+    moved = [f"{kind} {costs.format_bytes(b)}" for kind, b in per_kind.items() if b]
+    return ", ".join(moved) or "none"
+
+
+def _check_optimizer(args: argparse.Namespace, tx: Any, model: Any) -> None:
+    """Traces one abstract init and update, so that a hyperparameter of the wrong kind
+    (``--opt-arg reset_interval=abc``) is a usage error now rather than a traceback later."""
+    import jax
+
+    params = model.abstract_params
+    try:
+        state = jax.eval_shape(tx.init, params)
+        jax.eval_shape(tx.update, params, state, params)
+    except (TypeError, ValueError) as err:
+        given = " ".join(f"--opt-arg {a}" for a in args.opt_arg)
+        raise ValueError(f"--optimizer {args.optimizer} {given}: {err}".replace("  ", " ")) from err
+
+
+def _mesh_text(shape: dict) -> str:
+    return " x ".join(f"{k}={v}" for k, v in shape.items()) or "(unknown)"
+
+
+def _json_history(history: dict[str, list]) -> dict[str, list]:
+    """The history as strict JSON (NaN and infinities as None) for a checkpoint's extra."""
+    return {
+        k: [v if not isinstance(v, float) or math.isfinite(v) else None for v in values]
+        for k, values in history.items()
+    }
+
+
+def _resumed_history(names: list[str], saved: dict | None, start_step: int) -> dict[str, list]:
+    """Fresh lists, or the saved ones for the ``start_step`` steps before a resume (a metric
+    the saved run did not record is None there; steps are numbered 1..start_step)."""
+    if not saved or len(saved.get("steps", [])) != start_step:
+        return {name: [] for name in names}
+    nan = lambda v: math.nan if v is None else v
+    return {
+        name: [nan(v) for v in saved.get(name, [None] * start_step)][:start_step] for name in names
+    }
 
 
 def _skipped_steps(opt_state: Any) -> int | None:
@@ -368,8 +458,7 @@ def _setup(args: argparse.Namespace):
     if args.optimizer.endswith("coordinate_clipped"):
         extra.setdefault("fraction", 0.01)
     tx = make_optimizer(args.optimizer, schedule, **extra)
-    if args.skip_nonfinite < 0:
-        raise ValueError(f"--skip-nonfinite must be >= 0, got {args.skip_nonfinite}")
+    _check_optimizer(args, tx, model)
     if args.skip_nonfinite:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=args.skip_nonfinite)
     corpus = data.load_corpus(args.data)
@@ -569,7 +658,7 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
     from tqdm import tqdm
 
     from jaxlib_ext import costs, data
-    from jaxlib_ext.checkpoint import Checkpointer, CheckpointError
+    from jaxlib_ext.checkpoint import Checkpointer, CheckpointError, manifest
     from parallel.rules import DEFAULT_RULES
 
     ckpt = Checkpointer(args.checkpoint_dir) if args.checkpoint_dir else None
@@ -577,13 +666,21 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
     # Steps after the one resumed from: corrupt ones that the restore fell back past. The first
     # save replaces them (overwrite=True); without it, that save would be refused.
     replace_later = False
+    restored_history: dict | None = None
     if args.resume:
         try:
             state, extra = run.restore(ckpt)
         except CheckpointError as err:
             raise UsageError(f"cannot resume from {args.checkpoint_dir}: {err}") from err
         data_state = data.DataState.from_dict(extra["data"])
+        restored_history = extra.get("history")
         start_step = int(state.step)
+        saved_mesh = manifest(args.checkpoint_dir, start_step).get("saved_mesh") or {}
+        print(
+            f"resumed step {start_step} from {args.checkpoint_dir}: saved on mesh "
+            f"{_mesh_text(saved_mesh)}, now on {_mesh_text(dict(mesh.shape))}",
+            flush=True,
+        )
         if start_step >= args.steps:
             raise UsageError(
                 f"the checkpoint is at step {start_step}, not before --steps "
@@ -606,27 +703,36 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
         state = run.init()
     step_fn = run.step
 
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+
     def save(step: int) -> None:
         nonlocal replace_later
         rules = run.rules or DEFAULT_RULES
+        tick = time.perf_counter()
         ckpt.save(
             step,
             state,
-            extra={"data": data_state.to_dict()},
+            extra={"data": data_state.to_dict(), "history": _json_history(history)},
             rules=rules,
             overwrite=replace_later,
         )
         replace_later = False
+        if args.process_id == 0:
+            tqdm.write(
+                f"saved step {step} to {args.checkpoint_dir}: {costs.format_bytes(state_bytes)} "
+                f"in {time.perf_counter() - tick:.2f} s (committed in the background)"
+            )
 
     first, _ = batches.batch(batches.initial_state(args.seed))
     report = costs.analyze(run.program or step_fn, state, run.shard(first))
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
 
-    history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "tokens_per_sec": []}
-    if run.bytes_at is not None:
-        history["bytes_exchanged"] = []
-    for name in run.extra_metrics:
-        history[name] = []
+    names = ["steps", "losses", "cross_entropy", "aux_loss", "grad_norms", "tokens_per_sec"]
+    names += ["bytes_exchanged"] if run.bytes_at is not None else []
+    names += list(run.extra_metrics)
+    # The whole run's history: the steps before a resume come from the checkpoint's extra.
+    history = _resumed_history(names, restored_history, start_step)
+    first_new = len(history["steps"])  # this process's steps start here
     start = time.perf_counter()
     done = start_step
     # SIGTERM: finish the step in progress, save it (committed before the message), exit 0.
@@ -645,7 +751,10 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
             loss = float(metrics["loss"])
             grad_norm = float(metrics.get("grad_norm", math.nan))
             elapsed = time.perf_counter() - tick
+            history["steps"].append(step + 1)
             history["losses"].append(loss)
+            history["cross_entropy"].append(float(metrics.get("cross_entropy", loss)))
+            history["aux_loss"].append(float(metrics.get("aux_loss", 0.0)))
             history["grad_norms"].append(grad_norm)
             history["tokens_per_sec"].append(args.batch_size * args.seq_len / elapsed)
             if run.bytes_at is not None:
@@ -669,13 +778,16 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
             print(f"SIGTERM: {what}, exiting", flush=True)
         interrupted = stop.received and done < args.steps
 
-    losses = history["losses"]
-    steady = history["tokens_per_sec"][1:] or history["tokens_per_sec"]
+    # cross-entropy alone (the objective adds the MoE router's auxiliary loss), whole run
+    losses = history["cross_entropy"]
+    measured = history["tokens_per_sec"][first_new:]
+    steady = measured[1:] or measured
     tail = losses[-min(20, len(losses)) :]
     summary = {
         "final_loss": losses[-1],
+        "final_aux_loss": history["aux_loss"][-1],
         "mean_loss_last_20": float(np.mean(tail)),
-        "min_loss": min(losses),
+        "min_loss": float(np.nanmin(losses)),
         "uniform_loss": math.log(256),
         "tokens_per_sec_median": float(np.median(steady)),
         "wall_seconds": wall,
@@ -687,8 +799,8 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
     }
     if run.bytes_at is not None:
         exchanged = history["bytes_exchanged"]
-        summary["bytes_exchanged_total"] = float(sum(exchanged))
-        summary["bytes_exchanged_peak_step"] = float(max(exchanged))
+        summary["bytes_exchanged_total"] = float(np.nansum(exchanged))
+        summary["bytes_exchanged_peak_step"] = float(np.nanmax(exchanged))
     moe_rows: list[tuple[str, str]] = []
     if model.moe_strategy is not None:
         summary["moe"], moe_rows = _moe_summary(
@@ -706,7 +818,18 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
             else []
         ),
         ("steps", f"{start_step + 1}..{done} in {wall:.1f} s{' (SIGTERM)' if interrupted else ''}"),
-        ("first / final loss", f"{losses[0]:.3f} / {losses[-1]:.3f} nats per byte"),
+        ("first / final loss", f"{losses[0]:.3f} / {losses[-1]:.3f} nats per byte (cross-entropy)"),
+        *(
+            [
+                (
+                    "router aux loss (final)",
+                    f"{summary['final_aux_loss']:.4f} (x {config.router_aux_weight:g} in the "
+                    "objective)",
+                )
+            ]
+            if config.num_experts
+            else []
+        ),
         ("mean of last 20", f"{summary['mean_loss_last_20']:.3f} (uniform: {math.log(256):.3f})"),
         ("tokens / s (median)", f"{summary['tokens_per_sec_median']:,.0f}"),
         ("peak memory / device", costs.format_bytes(report.memory.peak_bytes)),
@@ -723,7 +846,7 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
             else []
         ),
         *moe_rows,
-        ("collectives / step", ""),
+        ("collectives / step", _collectives(report.wire_bytes())),
     ]
     record = {
         "args": {k: v for k, v in vars(args).items() if k != "parser"},
@@ -737,16 +860,14 @@ def _train(args, mesh, config, model, batches, run: _Run) -> dict:
     if args.process_id != 0:  # one process reports (they all computed the same figures)
         return record
     print("\nSummary\n" + _table(rows))
-    print(costs.wire_bytes_table(report.wire_bytes()))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(record, indent=1))
     _plot(
-        losses,
+        history,
         out / "loss.png",
         f"{args.optimizer}, {model.num_params():,} params, mesh {dict(mesh.shape)}",
-        history.get("bytes_exchanged"),
     )
     print(f"\nwrote {out / 'metrics.json'} and {out / 'loss.png'}")
     return record

@@ -232,6 +232,7 @@ class TransformerLM(nnx.Module):
     def __init__(self, cfg: LMConfig, rngs: nnx.Rngs, constrain=_no_constraint, strategy=None):
         d, dt = cfg.d_model, cfg.param_dtype
         self.cfg = cfg
+        self.constrain = constrain
         self.embed = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), None, dt)
         self.position = _param(rngs, (cfg.max_len, d), ("position", "embed"), None, dt)
         if cfg.scan_layers:
@@ -252,7 +253,14 @@ class TransformerLM(nnx.Module):
         cfg = self.cfg
         if tokens.shape[-1] > cfg.max_len:
             raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_len={cfg.max_len}")
-        x = self.embed[...][tokens] + self.position[...][: tokens.shape[-1]]
+        # Both tables are gathered over their FSDP-sharded embed dimension before use, as every
+        # FSDP weight is: their gradients are then summed over the batch as [V, D] and [T, D]
+        # and reduce-scattered. Left to XLA, the [B, T, D] activation gradient itself was
+        # resharded from batch- to embed-sharding for the lookup's scatter-add (an "[SPMD]
+        # Involuntary full rematerialization" of the whole activation on 2 x 4 meshes).
+        table = self.constrain(self.embed[...], ("vocab", None))
+        position = self.constrain(self.position[...], ("position", None))
+        x = table[tokens] + position[: tokens.shape[-1]]
         x = x.astype(cfg.dtype)
         aux = jnp.zeros((), jnp.float32)
         if cfg.scan_layers:

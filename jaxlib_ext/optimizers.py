@@ -7,6 +7,7 @@ ones from a name, a learning rate or schedule, and keyword hyperparameters.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -45,17 +46,29 @@ def make_optimizer(
     Raises:
       ValueError: an unknown name (the message lists the known ones), or a hyperparameter out of
         range.
-      TypeError: a hyperparameter the optimizer does not take, or a missing required one (the
-        coordinate-clipped optimizers need ``fraction``).
+      TypeError: a hyperparameter the optimizer does not take (the message lists those it
+        takes), or a missing required one (the coordinate-clipped optimizers need ``fraction``).
 
     Example:
       >>> tx = make_optimizer("adamw", 1e-3, weight_decay=0.1)
     """
     library = _library_optimizers()
-    if name in library:
-        return library[name](learning_rate, **hyperparams)
-    if name not in OPTAX_OPTIMIZERS:
+    if name not in library and name not in OPTAX_OPTIMIZERS:
         raise ValueError(
             f"unknown optimizer {name!r}; choose one of: {', '.join(optimizer_names())}"
         )
-    return getattr(optax, name)(learning_rate, **hyperparams)
+    factory = library[name] if name in library else getattr(optax, name)
+    _check_names(name, factory, hyperparams)
+    return factory(learning_rate, **hyperparams)
+
+
+def _check_names(name: str, factory: Callable[..., Any], hyperparams: dict[str, Any]) -> None:
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [p for p in params if p != "learning_rate"]
+    for given in hyperparams:
+        if given not in params:
+            raise TypeError(
+                f"{name} takes no hyperparameter {given!r}; it takes: {', '.join(valid)}"
+            )

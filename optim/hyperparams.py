@@ -36,7 +36,12 @@ def check_range(
     """Raises ``ValueError`` naming ``name`` when a concrete ``value`` is outside the range.
 
     NaN is always out of range. Schedules (callables) and traced values are not checked.
+
+    Raises:
+      TypeError: ``value`` is a string (``"abc"`` from a command line is never a number).
     """
+    if isinstance(value, str):
+        raise TypeError(f"`{name}` must be a number, got {name}={value!r}")
     if not is_concrete_number(value):
         return
     v = float(value)

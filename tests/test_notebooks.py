@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,55 @@ def test_notebook_runs(path: Path, kernel_name: str):
 
 def test_notebooks_exist():
     assert NOTEBOOKS, "no notebooks found in colabs/"
+
+
+REPOSITORY = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+def _setup_cell(path: Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    return "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_opens_in_colab_and_its_first_cell_sets_it_up(path: Path):
+    """A badge at the top opening this notebook from the repository in Colab; the first code
+    cell installs the library from ``REPO_URL`` (the repository) only when it is not importable,
+    and sizes the CPU backend to 8 devices."""
+    first = "".join(json.loads(path.read_text())["cells"][0]["source"])
+    colab = REPOSITORY.replace("https://github.com/", "https://colab.research.google.com/github/")
+    badge = (
+        "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+        f"({colab}/blob/main/colabs/{path.name})"
+    )
+    assert first.startswith(badge), first[:300]
+    setup = _setup_cell(path)
+    assert f'REPO_URL = "{REPOSITORY}"' in setup
+    guard = 'if importlib.util.find_spec("jaxlib_ext") is None:\n    subprocess.run('
+    assert guard in setup and '"pip", "install"' in setup and 'f"git+{REPO_URL}"' in setup
+    assert 'jax.config.update("jax_num_cpu_devices", 8)' in setup
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_setup_cell_gives_eight_cpu_devices_without_installing(path: Path, tmp_path):
+    """Run alone in a fresh CPU process where the library is importable: nothing is installed
+    (``subprocess.run`` must not be called) and JAX has 8 devices."""
+    probe = (
+        "import subprocess\n"
+        "def refuse(*a, **k): raise AssertionError(f'installed: {a}')\n"
+        "subprocess.run = refuse\n"
+        f"{_setup_cell(path)}\n"
+        "import jax\n"
+        "print('devices', len(jax.devices()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "devices 8"

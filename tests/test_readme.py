@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.multiprocess import REPO_ROOT
 
 
@@ -32,6 +34,59 @@ def _run_pasted(section: str, tmp_path) -> list[str]:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout.strip().splitlines()
+
+
+# Sections whose blocks a dedicated test below runs (and checks the output of), with their count.
+DEDICATED = {"### Streaming DiLoCo": 1, "### MoE execution": 1, "### Checkpoints": 2}
+NOT_RUNNABLE = "# not runnable as pasted:"  # a block's first line, with the reason
+
+
+def _sections() -> dict[str, list[str]]:
+    """Every ``##``/``###`` heading line of the README with its Python blocks."""
+    text = (REPO_ROOT / "README.md").read_text()
+    heads = list(re.finditer(r"^#{2,3} .*$", text, re.MULTILINE))
+    out = {}
+    for i, head in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        out[head.group(0)] = re.findall(r"```python\n(.*?)```", text[head.end() : end], re.DOTALL)
+    return out
+
+
+def _dedicated(heading: str) -> str | None:
+    return next((key for key in DEDICATED if heading.startswith(key)), None)
+
+
+GENERIC = [
+    pytest.param(heading, i, id=f"{heading.lstrip('# ').split(' (')[0]}-{i}")
+    for heading, blocks in _sections().items()
+    if _dedicated(heading) is None
+    for i, block in enumerate(blocks)
+    if not block.startswith(NOT_RUNNABLE)
+]
+
+
+def test_every_python_block_is_run_by_a_test():
+    sections = _sections()
+    for key, count in DEDICATED.items():
+        (heading,) = [h for h in sections if h.startswith(key)]
+        assert len(sections[heading]) == count, f"{heading}: update DEDICATED and its test"
+    assert len(GENERIC) >= 2, "the API tour and the optimizers' block at least"
+
+
+@pytest.mark.parametrize(("heading", "index"), GENERIC)
+def test_block_runs_as_pasted(heading, index, tmp_path):
+    """Every other block, as a user pastes it into a fresh Python process (no XLA_FLAGS)."""
+    block = _sections()[heading][index]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    done = subprocess.run(
+        [sys.executable, "-c", block],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def test_streaming_diloco_block_runs_as_pasted(tmp_path):

@@ -80,6 +80,14 @@ def test_demo_trains_writes_outputs_and_is_reproducible(tmp_path):
         (["--optimizer", "sgd", "--weight-decay", "0.1"], "weight_decay"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--skip-nonfinite", "-1"], "--skip-nonfinite must be >= 0, got -1"),
+        (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+        (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (
+            ["--optimizer", "spam", "--opt-arg", "reset_interval=abc"],
+            "`reset_interval` must be a number, got reset_interval='abc'",
+        ),
+        (["--opt-arg", "nosuch=1"], "adamw takes no hyperparameter 'nosuch'; it takes: b1, b2"),
+        (["--optimizer", "lion", "--opt-arg", "b1=x"], "--optimizer lion --opt-arg b1=x: "),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, flags, message):
@@ -110,9 +118,17 @@ def test_resume_after_a_crash_continues_exactly_and_on_other_devices(tmp_path):
         *small, "--out", str(tmp_path / "again"), "--checkpoint-dir", str(ckpt), "--resume"
     )
     assert again.returncode == 0, again.stderr
+    assert "saved step 6 to" in full.stdout and "saved step 12 to" in full.stdout
+    assert re.search(
+        r"^resumed step 6 from .*: saved on mesh data=2 x fsdp=4, now on data=2 x fsdp=4$",
+        again.stdout,
+        re.MULTILINE,
+    ), again.stdout
     resumed = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert resumed["start_step"] == 6
-    assert resumed["losses"] == losses[6:], "same mesh: bit-exact continuation"
+    # the whole run's history: steps 1-6 from the checkpoint, 7-12 continued bit-exactly
+    assert resumed["steps"] == list(range(1, 13))
+    assert resumed["losses"] == losses, "same mesh: bit-exact continuation"
     shutil.rmtree(ckpt / "12")
     other = [*small]
     other[other.index("--devices") + 1] = "4"
@@ -120,8 +136,22 @@ def test_resume_after_a_crash_continues_exactly_and_on_other_devices(tmp_path):
         *other, "--out", str(tmp_path / "moved"), "--checkpoint-dir", str(ckpt), "--resume"
     )
     assert moved.returncode == 0, moved.stderr
+    assert "saved on mesh data=2 x fsdp=4, now on data=2 x fsdp=2" in moved.stdout
     moved_losses = json.loads((tmp_path / "moved" / "metrics.json").read_text())["losses"]
-    np.testing.assert_allclose(moved_losses, losses[6:], rtol=1e-3)
+    assert moved_losses[:6] == losses[:6]
+    np.testing.assert_allclose(moved_losses[6:], losses[6:], rtol=1e-3)
+
+
+def test_help_shows_every_default():
+    done = _demo("--help", timeout=60)
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for shown in (
+        "--steps STEPS training steps (default: 600)",
+        "(default: adamw)",
+        "(default: 5)",
+    ):
+        assert shown in text, text
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
@@ -129,6 +159,7 @@ def test_resume_needs_a_checkpoint(tmp_path):
         "--resume", "--checkpoint-dir", str(tmp_path / "empty"), "--out", str(tmp_path), timeout=120
     )
     assert done.returncode == 2 and "cannot resume" in done.stderr
+    assert not (tmp_path / "empty").exists(), "a resume must not create the directory"
     done = _demo("--resume", "--out", str(tmp_path), timeout=120)
     assert done.returncode == 2 and "need --checkpoint-dir" in done.stderr
 
@@ -211,7 +242,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly_then_resume_continues(
     first = json.loads((tmp_path / "first" / "metrics.json").read_text())
     assert first["stopped_by_sigterm"] and first["end_step"] == stopped
     assert len(first["losses"]) == stopped
-    names = sorted(p.name for p in ckpt.iterdir())
+    names = sorted(p.name for p in ckpt.iterdir() if p.name != "writer.lock")
     assert all(n.isdigit() for n in names), f"uncommitted leftovers: {names}"
     assert max(int(n) for n in names) == stopped, names
 
@@ -224,7 +255,9 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly_then_resume_continues(
     assert "SIGTERM" not in resumed.stdout
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["start_step"] == stopped and metrics["end_step"] == stopped + 3
-    assert len(metrics["losses"]) == 3 and not metrics["stopped_by_sigterm"]
+    # The history covers the whole run: the first process's steps, then this one's three.
+    assert metrics["steps"] == list(range(1, stopped + 4)) and not metrics["stopped_by_sigterm"]
+    assert metrics["losses"][:stopped] == first["losses"]
     assert all(math.isfinite(x) for x in metrics["losses"])
 
 
@@ -277,7 +310,8 @@ def test_streaming_diloco_reports_bytes_exchanged_and_resumes_elastically(tmp_pa
     )
     assert resumed.returncode == 0, resumed.stderr
     record = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert record["start_step"] == 16 and len(record["losses"]) == 4
+    assert record["start_step"] == 16 and len(record["losses"]) == 20
+    assert record["steps"] == list(range(1, 21))
     assert record["summary"]["mesh"] == {"replica": 4, "data": 1, "fsdp": 1}
 
 
