@@ -31,7 +31,8 @@ The files: :mod:`~jaxlib_ext.checkpoint.checkpointer` (the :class:`Checkpointer`
 :mod:`~jaxlib_ext.checkpoint.manifest`, :mod:`~jaxlib_ext.checkpoint.steps` (the directory's
 committed steps), :mod:`~jaxlib_ext.checkpoint.restore_plan`,
 :mod:`~jaxlib_ext.checkpoint.layouts`, :mod:`~jaxlib_ext.checkpoint.checksums`,
-:mod:`~jaxlib_ext.checkpoint.errors`.
+:mod:`~jaxlib_ext.checkpoint.errors`, :mod:`~jaxlib_ext.checkpoint.awaited_reads` (a failed read
+waits for its sibling reads, so nothing is printed after the error).
 """
 
 from jaxlib_ext.checkpoint.checkpointer import Checkpointer as Checkpointer

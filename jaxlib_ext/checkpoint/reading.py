@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxlib_ext.checkpoint.awaited_reads import reads_awaited
 from jaxlib_ext.checkpoint.checksums import checksum_strings
 from jaxlib_ext.checkpoint.errors import (
     CorruptCheckpointError,
@@ -149,16 +150,17 @@ def read_arrays(manager: ocp.CheckpointManager, root: Path, step: int, abstract:
     """
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     try:
-        return manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    ARRAYS: ocp.args.PyTreeRestore(
-                        abstract, restore_args=restore_args, partial_restore=True
-                    )
-                }
-            ),
-        )[ARRAYS]
+        with reads_awaited():  # a failed read ends cleanly: the others are awaited first
+            return manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        ARRAYS: ocp.args.PyTreeRestore(
+                            abstract, restore_args=restore_args, partial_restore=True
+                        )
+                    }
+                ),
+            )[ARRAYS]
     except Exception as err:  # TensorStore/OCDBT errors for truncated or missing files
         raise CorruptCheckpointError(
             f"step {step}: the data under {root / str(step) / ARRAYS} could not "
