@@ -159,7 +159,9 @@ class JaxRunner(Runner):
             for x in jax.tree.leaves(self.state)
             if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
         )
-        memory = costs.analyze(self.step, self.params, self.state, grads).memory
+        report = costs.analyze(self.step, self.params, self.state, grads)
+        memory = report.memory
+        self.bytes_accessed = report.bytes_accessed  # XLA's count: the step's memory traffic
         self.peak_bytes = memory.peak_bytes
         self.alias_bytes = memory.alias_bytes
         self.temp_bytes = memory.temp_bytes
@@ -267,6 +269,7 @@ class TorchRunner(Runner):
         self.peak_bytes = None
         self.alias_bytes = None
         self.temp_bytes = None
+        self.bytes_accessed = None
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
@@ -316,6 +319,7 @@ def measure(runners: dict, *, rounds: int, steps: int, warmup: int) -> dict[str,
             "peak_bytes_per_device": runners[name].peak_bytes,
             "alias_bytes_per_device": runners[name].alias_bytes,
             "temp_bytes_per_device": runners[name].temp_bytes,
+            "bytes_accessed_per_device": runners[name].bytes_accessed,
             **runners[name].extra(),
         }
     return out
@@ -390,9 +394,14 @@ def mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}"
 
 
+def per_param(n, params: int) -> str:
+    """Bytes accessed per parameter (XLA's count for the compiled step)."""
+    return "-" if n is None else f"{n / params:.1f}"
+
+
 def print_table(results: dict) -> None:
     header = f"{'size':<6}{'optimizer':<36}{'step ms':>9}{'ratio':>8}{'vs':>10}"
-    print("\n" + header + f"{'state MiB':>11}{'peak MiB':>10}")
+    print("\n" + header + f"{'state MiB':>11}{'peak MiB':>10}{'B/param':>9}")
     for label, res in results.items():
         for rows in res["groups"].values():
             for name, row in rows.items():
@@ -400,6 +409,7 @@ def print_table(results: dict) -> None:
                     f"{label:<6}{name:<36}{row['step_seconds_median'] * 1e3:>9.1f}"
                     f"{row['ratio_to_baseline']:>8.2f}{row['baseline']:>10}"
                     f"{mib(row['state_bytes']):>11}{mib(row['peak_bytes_per_device']):>10}"
+                    f"{per_param(row.get('bytes_accessed_per_device'), res['num_params']):>9}"
                 )
 
 

@@ -300,12 +300,16 @@ class CostReport:
       memory: per-device memory (:class:`MemoryStats`).
       flops: XLA's cost-analysis FLOP count for one device (XLA counts a loop body once).
       num_devices: devices the program is partitioned over.
+      bytes_accessed: XLA's cost-analysis count of the bytes one device's program reads and
+        writes in memory (each fusion's operands and results; a loop body once): the memory
+        traffic a bandwidth-bound step (an optimizer update) is limited by.
     """
 
     collectives: tuple[CollectiveOp, ...]
     memory: MemoryStats
     flops: float
     num_devices: int
+    bytes_accessed: float = 0.0
 
     def wire_bytes(self, branches: str = "max") -> dict[str, float]:
         """Per-device wire bytes of each collective kind for one call.
@@ -346,6 +350,7 @@ class CostReport:
             "temp_bytes_per_device": self.memory.temp_bytes,
             "argument_bytes_per_device": self.memory.argument_bytes,
             "flops_per_device": self.flops,
+            "bytes_accessed_per_device": self.bytes_accessed,
             "num_devices": self.num_devices,
         }
 
@@ -360,18 +365,25 @@ def _memory_stats(compiled: Any) -> MemoryStats:
     return MemoryStats(argument, output, temp, alias, argument + output + temp - alias, reported)
 
 
-def _flops(compiled: Any) -> float:
+def _cost_analysis(compiled: Any) -> dict:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list | tuple):
         analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
+    return dict(analysis or {})
 
 
 def analyze_compiled(compiled: Any) -> CostReport:
     """A :class:`CostReport` of an already compiled program (``jit(f).lower(...).compile()``)."""
     text = compiled.as_text()
     ops = tuple(collectives_from_hlo(text))
-    return CostReport(ops, _memory_stats(compiled), _flops(compiled), _num_devices(text))
+    analysis = _cost_analysis(compiled)
+    return CostReport(
+        ops,
+        _memory_stats(compiled),
+        float(analysis.get("flops", 0.0)),
+        _num_devices(text),
+        float(analysis.get("bytes accessed", 0.0)),
+    )
 
 
 def analyze(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CostReport:

@@ -135,6 +135,18 @@ def test_memory_and_flops_of_a_matmul():
     assert report.collectives == ()
 
 
+def test_bytes_accessed_counts_each_fused_pass_over_memory():
+    # One fused elementwise pass: a and b read, the result written (f32, 4 bytes each).
+    n = 1 << 16
+    a, b = jnp.ones(n, jnp.float32), jnp.ones(n, jnp.float32)
+    assert costs.analyze(lambda x, y: 2 * x + y, a, b).bytes_accessed == 3 * 4 * n
+    # Two results of one input: one pass if XLA fuses them together, else a read per output
+    # (XLA:CPU); either way plus the few bytes of the output tuple.
+    both = costs.analyze(lambda x: (x + 1, x * 3), a)
+    assert 3 * 4 * n <= both.bytes_accessed <= 4 * 4 * n + 64
+    assert both.summary()["bytes_accessed_per_device"] == both.bytes_accessed
+
+
 def test_group_size_parsing_of_every_replica_group_form():
     assert costs._group_size("replica_groups={{0,1,2,3},{4,5,6,7}}, dims", 8) == 4
     assert costs._group_size("replica_groups=[2,4]<=[8], dims", 8) == 4
