@@ -198,7 +198,12 @@ def matrix_update(
     sub = jax.lax.cond(refresh, lambda: choose(mode, key, g3, mat, density), lambda: sub)
     low = down(mode, g3, sub, mat, density)
     direction, mu, nu = adam_step(low, mu, nu, inner_count, *adam)
-    residual = g3 - up(mode, low, sub, mat, density)
-    d = up(mode, direction.astype(compute), sub, mat, density)
-    d = d + free_scale * free_direction(free_rule, residual)
+    if free_rule == "sgd":  # linear: s_f G + up(Adam - s_f low), one back-projection, not two
+        d = free_scale * g3 + up(
+            mode, direction.astype(compute) - free_scale * low, sub, mat, density
+        )
+    else:  # sign_sgd needs the residual itself (for "zero" XLA drops it)
+        residual = g3 - up(mode, low, sub, mat, density)
+        d = up(mode, direction.astype(compute), sub, mat, density)
+        d = d + free_scale * free_direction(free_rule, residual)
     return shard_like((proj_scale * d).reshape(g.shape).astype(g.dtype), g), sub, mu, nu
