@@ -263,6 +263,7 @@ class TorchRunner(Runner):
         self.state_bytes = sum(
             v.nbytes
             for s in self.opt.state.values()
+            if isinstance(s, dict)  # per-parameter state (SPAM also keeps global counters)
             for v in s.values()
             if isinstance(v, torch.Tensor)
         )
