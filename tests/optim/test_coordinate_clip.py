@@ -51,6 +51,74 @@ def test_matches_sorting_reference(seed, dtype):
                     )
 
 
+def _adversarial(name: str, dtype: str) -> dict[str, np.ndarray]:
+    """Inputs that break selections built on arithmetic or sampling, 2 leaves of 8 x 64."""
+    rng = np.random.default_rng(7)
+    tiny = np.finfo(dtype).smallest_subnormal
+    normal = rng.standard_normal((2, 8, 64))
+    data = {
+        "all_equal": np.full((2, 8, 64), -0.75),
+        "zeros": np.zeros((2, 8, 64)) * np.where(rng.random((2, 8, 64)) < 0.5, -1, 1),  # +-0
+        "mostly_zeros": np.where(rng.random((2, 8, 64)) < 0.97, 0.0, normal),
+        "denormals": tiny * rng.integers(0, 50, (2, 8, 64)) * rng.choice([-1, 1], (2, 8, 64)),
+        "denormals_and_normals": np.where(
+            rng.random((2, 8, 64)) < 0.5, tiny * rng.integers(1, 9, (2, 8, 64)), normal
+        ),
+        "inf": np.where(rng.random((2, 8, 64)) < 0.05, np.inf, normal) * rng.choice([-1, 1]),
+        "many_inf": np.where(rng.random((2, 8, 64)) < 0.5, -np.inf, normal),
+        "nan": np.where(rng.random((2, 8, 64)) < 0.02, np.nan, normal),
+        "ties_one_value": np.where(rng.random((2, 8, 64)) < 0.3, 2.5, normal),
+        "one_ulp_apart": 1.0 + np.finfo(dtype).eps * rng.integers(0, 4, (2, 8, 64)),
+    }[name]
+    return {"a": data[0].astype(dtype), "b": data[1].astype(dtype)}
+
+
+def _sorted_threshold(tree: dict, c: float) -> float:
+    a = np.sort(np.concatenate([np.abs(v).ravel() for v in tree.values()]))[::-1]  # NaN first
+    rank = int(np.floor(c * a.size)) + 1
+    return 0.0 if rank > a.size else a[rank - 1]
+
+
+ADVERSARIAL = [
+    "all_equal",
+    "zeros",
+    "mostly_zeros",
+    "denormals",
+    "denormals_and_normals",
+    "inf",
+    "many_inf",
+    "nan",
+    "ties_one_value",
+    "one_ulp_apart",
+]
+
+
+@precision.DTYPES
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_threshold_is_the_sorted_value_on_adversarial_inputs(name, dtype, devices):
+    """The threshold equals a sort's, bit for bit, whether the leaves are sharded or not (the
+    radix select reads bit patterns, so denormals, which XLA:CPU flushes in arithmetic, infinities
+    and NaNs, larger than every number, are ordered as a sort orders them)."""
+    tree = _adversarial(name, dtype)
+    mesh = make_mesh({"fsdp": 8}, devices=devices)
+    with precision.precision(dtype) as jdtype:
+        plain = precision.cast(tree, jdtype)
+        sharded = {
+            k: jax.device_put(v, NamedSharding(mesh, P(None, "fsdp"))) for k, v in plain.items()
+        }
+        fn = jax.jit(optim.top_fraction_threshold, static_argnums=1)
+        for c in (0.0, 0.01, 0.1, 0.5, 0.9, 1.0):
+            want = np.asarray(_sorted_threshold(tree, c), dtype)
+            for label, t in (("plain", plain), ("sharded", sharded)):
+                got = np.asarray(fn(t, c))
+                assert got.dtype == want.dtype, (label, c)
+                np.testing.assert_array_equal(
+                    got.view(f"u{got.itemsize}"),
+                    want.view(f"u{want.itemsize}"),
+                    err_msg=f"{name}, {label}, c={c}",
+                )
+
+
 def test_zero_fraction_is_the_identity_and_one_zeroes_everything():
     tree = {"a": jnp.array([3.0, -1.0, 2.0])}
     assert optim.clip_top(tree, 0.0, 0.5) is tree
