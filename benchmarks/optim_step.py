@@ -23,7 +23,14 @@ Groups (each size's arrays are freed before the next group and size):
   ``--authors-dir DIR``, also the authors' own PyTorch code, loaded from files the user put in
   ``DIR`` (not part of this repository): ``SPAM.py`` (its ``AdamW`` class, from the SPAM
   repository's ``galore_torch/SPAM.py``) and ``diffGrad_v2.py`` (its ``diffgrad`` class, from
-  the diffGrad repository; its ``diffGrad.py`` is the version its authors mark as buggy).
+  the diffGrad repository; its ``diffGrad.py`` is the version its authors mark as buggy), and,
+  when ``DIR/frugal/`` holds the ``frugal`` package of the FRUGAL repository, its
+  ``GaloreAdamW`` (svd) and ``BlockAdamW`` (descending blocks) next to ``optim.frugal`` with the
+  same density, update gap, state-free rule (signSGD), no weight decay, and each kernel in
+  PyTorch's ``(out, in)`` layout (so both pick the same side and rank), averaged over a refresh
+  period as below. Their ``adamw.py`` imports the private ``torch.optim.optimizer._dispatch_sqrt``,
+  which newer torch releases dropped: when it is missing the benchmark restores it (``math.sqrt``
+  of a float, ``sqrt()`` of a tensor: what it was) before loading their package.
 
 FRUGAL chooses its subspace anew every ``update_gap`` steps (an SVD of every projectable matrix in
 ``svd`` mode, under a ``lax.cond``), so its step time is averaged over one refresh period: every
@@ -38,6 +45,7 @@ Usage:
         [--frugal-gap 200]
     python benchmarks/optim_step.py --quick   # a tiny smoke size
     python benchmarks/optim_step.py --sizes 10M --authors-dir ~/authors_code  # + authors' torch
+    python benchmarks/optim_step.py --groups torch_frugal_svd --authors-dir ~/authors_code
 """
 
 from __future__ import annotations
@@ -63,8 +71,8 @@ VOCAB_PER_D = 16  # embedding rows per model dimension (d=2048 -> a 32k vocabula
 SPAM_TARGET = 1.10  # adamw's: SPAM moves the same bytes
 DIFFGRAD_TARGET = 1.35  # adamw's: two more passes over memory (prev_grad) than adamw's seven
 CLIP_TARGET = 3.0  # an SGD step's, with the threshold still exact
-FRUGAL_TARGET = 1.3  # adamw's, averaged over a refresh period (block mode; svd is compared
-# with the authors' PyTorch step, which is not available here)
+FRUGAL_TARGET = 1.3  # adamw's, averaged over a refresh period (block mode)
+FRUGAL_SVD_TARGET = 1.0  # the authors' PyTorch GaloreAdamW step, averaged over a refresh period
 FRUGAL_DENSITY = 0.25
 
 
@@ -267,7 +275,7 @@ class TorchRunner(Runner):
             p = torch.nn.Parameter(0.02 * torch.randn(shape, generator=gen))
             p.grad = 1e-3 * torch.randn(shape, generator=gen)
             self.params.append(p)
-        self.opt = make(self.params)
+        self.opt = self.build(make, list(shapes))
         self.opt.step()  # creates the state
         self.state_bytes = sum(
             v.nbytes
@@ -281,12 +289,107 @@ class TorchRunner(Runner):
         self.temp_bytes = None
         self.bytes_accessed = None
 
+    def build(self, make, names: list[str]):
+        return make(self.params)
+
     def run(self, steps: int) -> None:
         for _ in range(steps):
             self.opt.step()
 
     def free(self) -> None:
         self.opt = self.params = None
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in one optimizer-state entry: a tensor, a list of them, or an object
+    holding them (the authors' FRUGAL keeps its projection matrix in a projector object)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(v) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return sum(tensor_bytes(v) for v in vars(value).values())
+    return 0
+
+
+class TorchFrugalRunner(TorchRunner):
+    """The authors' PyTorch FRUGAL, its step averaged over a refresh period as ``FrugalRunner``.
+
+    Their optimizer refreshes its subspace (and resets the Adam state) when the ``step`` of the
+    projected group's first parameter is a multiple of ``update_gap``; the runner sets that
+    counter, untimed, to 0 before a refresh step and to 1 before ordinary steps.
+    """
+
+    def __init__(self, make, shapes: dict[str, tuple[int, ...]], gap: int):
+        # PyTorch's (out, in) layout of every kernel: the transpose of the JAX (in, out) one
+        torch_shapes = {n: kernel_layout(n, shape) for n, shape in shapes.items()}
+        super().__init__(make, torch_shapes)
+        self.state_bytes = sum(
+            tensor_bytes(v)
+            for s in self.opt.state.values()
+            if isinstance(s, dict)
+            for v in s.values()
+        )
+        self.gap = gap
+        self.first = next(g["params"][0] for g in self.opt.param_groups if g.get("is_proj_params"))
+        self.refresh_seconds: list[float] = []
+        self.ordinary_seconds: list[float] = []
+
+    def _timed_steps(self, steps: int, *, refresh: bool) -> float:
+        total, done = 0.0, 0
+        chunk = 1 if refresh else max(self.gap - 1, 1)
+        while done < steps:
+            self.opt.state[self.first]["step"] = 0 if refresh else min(1, self.gap - 1)
+            n = min(chunk, steps - done)
+            start = time.perf_counter()
+            for _ in range(n):
+                self.opt.step()
+            total += time.perf_counter() - start
+            done += n
+        return total
+
+    def build(self, make, names: list[str]):
+        return make(frugal_param_groups(self.params, names))
+
+    run = FrugalRunner.run
+    timed = FrugalRunner.timed
+    extra = FrugalRunner.extra
+
+
+def authors_frugal(folder: Path):
+    """The authors' ``frugal`` package from ``folder`` (restoring ``_dispatch_sqrt`` if needed)."""
+    import torch.optim.optimizer as torch_optimizer
+
+    if not hasattr(torch_optimizer, "_dispatch_sqrt"):
+
+        def _dispatch_sqrt(x):  # torch's private helper as it was: sqrt of a float or a tensor
+            return x.sqrt() if hasattr(x, "sqrt") else math.sqrt(x)
+
+        torch_optimizer._dispatch_sqrt = _dispatch_sqrt
+    name = "authors_frugal"
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_layout(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A leaf's shape in PyTorch: kernels (2-D, not the embedding) as ``(out, in)``."""
+    return shape[::-1] if len(shape) == 2 and name != "embed" else shape
+
+
+def frugal_param_groups(params: list, names: list[str]) -> list[dict]:
+    """The authors' two groups: the projectable kernels (``optim.frugal``'s default: matrices but
+    the embedding) and the rest (AdamW)."""
+    proj = [p for p, n in zip(params, names, strict=True) if p.ndim == 2 and n != "embed"]
+    ids = {id(p) for p in proj}
+    rest = [p for p in params if id(p) not in ids]
+    return [{"params": rest, "is_proj_params": False}, {"params": proj, "is_proj_params": True}]
 
 
 def load_module(path: Path, name: str):
@@ -297,7 +400,7 @@ def load_module(path: Path, name: str):
     return module
 
 
-def torch_optimizers(authors_dir: str | None):
+def torch_optimizers(authors_dir: str | None, frugal_gap: int = 200):
     """``{group: (ours, {label: make(params) -> torch optimizer})}`` for what imports."""
     try:
         import pytorch_optimizer
@@ -325,9 +428,43 @@ def torch_optimizers(authors_dir: str | None):
                 rows[f"authors' {file}"] = make(getattr(load_module(folder / file, file[:-3]), cls))
             else:
                 print(f"{folder / file} not found: the authors' {file} is skipped")
-    return {
+    pairs = {
         "spam": (lambda: optim.spam(1e-3), spam),
         "diffgrad": (lambda: optim.diffgrad(1e-3), diffgrad),
+    }
+    if authors_dir is not None:
+        package = Path(authors_dir).expanduser() / "frugal"
+        if (package / "__init__.py").is_file():
+            pairs |= authors_frugal_pairs(authors_frugal(package), frugal_gap)
+        else:
+            print(f"{package}/__init__.py not found: the authors' FRUGAL is skipped")
+    return pairs
+
+
+def authors_frugal_pairs(frugal, gap: int) -> dict:
+    """``optim.frugal`` in svd and block mode, each with the authors' class of the same mode."""
+    import optim
+
+    same = dict(density=FRUGAL_DENSITY, update_gap=gap, inactive_update_rule="sign_sgd")
+    adam = dict(lr=1e-3, weight_decay=0.0, no_deprecation_warning=True)
+    ours = dict(density=FRUGAL_DENSITY, update_gap=gap)
+    return {
+        "frugal_svd": (
+            lambda: optim.frugal(1e-3, **ours, projection="svd"),
+            {
+                "authors' GaloreAdamW (svd)": lambda groups: frugal.GaloreAdamW(
+                    groups, **same, proj_type="svd", **adam
+                )
+            },
+        ),
+        "frugal_block": (
+            lambda: optim.frugal(1e-3, **ours, block_order="descending"),
+            {
+                "authors' BlockAdamW": lambda groups: frugal.BlockAdamW(
+                    groups, **same, block_order="descending", **adam
+                )
+            },
+        ),
     }
 
 
@@ -397,11 +534,17 @@ def run_size(label: str, target: int, args, torch_pairs) -> dict:
         (group, {n: runner(n, f) for n, f in opts.items()})
         for group, opts in optimizers(args.frugal_gap).items()
     ]
+    gap = args.frugal_gap
     for name, (ours, theirs) in torch_pairs.items():
-        makers = {name: lambda f=ours: JaxRunner(f(), params, grads)}
+        makers = {name: runner(name, ours)}
         for label_, make in theirs.items():
-            makers[label_] = lambda m=make: TorchRunner(m, shapes)
+            if name.startswith("frugal"):
+                makers[label_] = lambda m=make: TorchFrugalRunner(m, shapes, gap)
+            else:
+                makers[label_] = lambda m=make: TorchRunner(m, shapes)
         plan.append((f"torch_{name}", makers))
+    if args.groups:
+        plan = [(group, makers) for group, makers in plan if group in args.groups.split(",")]
     for group, makers in plan:
         start = time.perf_counter()
         runners = {name: make() for name, make in makers.items()}
@@ -428,14 +571,14 @@ def per_param(n, params: int) -> str:
 
 
 def print_table(results: dict) -> None:
-    header = f"{'size':<6}{'optimizer':<36}{'step ms':>9}{'ratio':>8}{'vs':>10}"
+    header = f"{'size':<6}{'optimizer':<36}{'step ms':>9}{'ratio':>8}{'vs':>14}"
     print("\n" + header + f"{'state MiB':>11}{'peak MiB':>10}{'B/param':>9}")
     for label, res in results.items():
         for rows in res["groups"].values():
             for name, row in rows.items():
                 print(
                     f"{label:<6}{name:<36}{row['step_seconds_median'] * 1e3:>9.1f}"
-                    f"{row['ratio_to_baseline']:>8.2f}{row['baseline']:>10}"
+                    f"{row['ratio_to_baseline']:>8.2f}{row['baseline']:>14}"
                     f"{mib(row['state_bytes']):>11}{mib(row['peak_bytes_per_device']):>10}"
                     f"{per_param(row.get('bytes_accessed_per_device'), res['num_params']):>9}"
                 )
@@ -446,20 +589,29 @@ def verdicts(results: dict) -> list[dict]:
     for label, res in results.items():
         g = res["groups"]
         checks = [
-            ("spam", g["adam"]["spam"], SPAM_TARGET),
-            ("diffgrad", g["adam"]["diffgrad"], DIFFGRAD_TARGET),
-            ("frugal", g["adam"]["frugal"], FRUGAL_TARGET),
-            ("coordinate_clip+sgd", g["sgd"]["coordinate_clip+sgd"], CLIP_TARGET),
+            ("adam", "spam", SPAM_TARGET),
+            ("adam", "diffgrad", DIFFGRAD_TARGET),
+            ("adam", "frugal", FRUGAL_TARGET),
+            ("sgd", "coordinate_clip+sgd", CLIP_TARGET),
         ]
-        for name, row, target in checks:
+        rows = [
+            (name, g[group][name]["baseline"], g[group][name]["ratio_to_baseline"], target)
+            for group, name, target in checks
+            if group in g  # --groups may leave it out
+        ]
+        for theirs, row in list(g.get("torch_frugal_svd", {}).items())[1:]:
+            # ours over theirs: the group's baseline is ours (the median of an odd number of
+            # per-round ratios inverts exactly)
+            rows.append(("frugal_svd", theirs, 1 / row["ratio_to_baseline"], FRUGAL_SVD_TARGET))
+        for name, baseline, ratio, target in rows:
             out.append(
                 {
                     "size": label,
                     "optimizer": name,
-                    "baseline": row["baseline"],
-                    "ratio": row["ratio_to_baseline"],
+                    "baseline": baseline,
+                    "ratio": ratio,
                     "target": target,
-                    "met": row["ratio_to_baseline"] <= target,
+                    "met": ratio <= target,
                 }
             )
     return out
@@ -480,7 +632,13 @@ def main() -> None:
     )
     p.add_argument(
         "--authors-dir",
-        help="a folder holding the authors' SPAM.py and diffGrad_v2.py (timed when torch imports)",
+        help="a folder holding the authors' SPAM.py, diffGrad_v2.py and frugal/ package (timed "
+        "when torch imports)",
+    )
+    p.add_argument(
+        "--groups",
+        help="comma-separated groups to time (default all): adam, sgd, torch_spam, "
+        "torch_diffgrad, torch_frugal_svd, torch_frugal_block",
     )
     p.add_argument("--out", default="benchmarks/out/optim_step.json")
     args = p.parse_args()
@@ -490,7 +648,7 @@ def main() -> None:
         args.sizes, args.rounds, args.steps_per_round, args.warmup = "100k", 3, 2, 1
     use_cpu_devices(1)
     start = time.perf_counter()
-    torch_pairs = torch_optimizers(args.authors_dir)
+    torch_pairs = torch_optimizers(args.authors_dir, args.frugal_gap)
     results = {}
     for label in args.sizes.split(","):
         results[label.strip()] = run_size(label.strip(), parse_size(label), args, torch_pairs)
@@ -503,14 +661,15 @@ def main() -> None:
             f"(target <= {c['target']}x): {'met' if c['met'] else 'MISSED'}"
         )
     for label, res in results.items():
-        for name, row in res["groups"]["adam"].items():
-            if "update_gap" in row:
-                refresh_ms = row["refresh_step_seconds_median"] * 1e3
-                ordinary_ms = row["ordinary_step_seconds_median"] * 1e3
-                print(
-                    f"  {label:<6}{name}: refresh step {refresh_ms:.1f} ms, ordinary step "
-                    f"{ordinary_ms:.1f} ms, averaged over a gap of {row['update_gap']}"
-                )
+        for group, rows in res["groups"].items():
+            for name, row in rows.items():
+                if "update_gap" in row:
+                    refresh_ms = row["refresh_step_seconds_median"] * 1e3
+                    ordinary_ms = row["ordinary_step_seconds_median"] * 1e3
+                    print(
+                        f"  {label:<6}{group}/{name}: refresh step {refresh_ms:.1f} ms, ordinary "
+                        f"step {ordinary_ms:.1f} ms, averaged over a gap of {row['update_gap']}"
+                    )
         for group, rows in res["groups"].items():
             if group.startswith("torch_"):
                 for name, row in list(rows.items())[1:]:

