@@ -649,6 +649,11 @@ def main() -> None:
     use_cpu_devices(1)
     start = time.perf_counter()
     torch_pairs = torch_optimizers(args.authors_dir, args.frugal_gap)
+    if args.groups:
+        known = [*optimizers(), *(f"torch_{name}" for name in torch_pairs)]
+        unknown = sorted(set(args.groups.split(",")) - set(known))
+        if unknown:
+            p.error(f"--groups: unknown or unavailable {unknown}; available here: {known}")
     results = {}
     for label in args.sizes.split(","):
         results[label.strip()] = run_size(label.strip(), parse_size(label), args, torch_pairs)
