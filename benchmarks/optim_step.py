@@ -137,10 +137,14 @@ def optimizers(frugal_gap: int = 200) -> dict[str, dict[str, Callable[[], object
 
 
 class Runner:
-    """Runs one optimizer's steps; subclasses define ``run(steps)`` and ``free()``."""
+    """Runs one optimizer's steps; subclasses define ``advance(steps)`` and ``free()``."""
+
+    def advance(self, steps: int) -> None:
+        """Runs ``steps`` steps and waits for them."""
+        raise NotImplementedError
 
     def run(self, steps: int) -> None:
-        raise NotImplementedError
+        self.advance(steps)
 
     def timed(self, steps: int) -> float:
         """Seconds per step of ``steps`` steps (one round)."""
@@ -183,7 +187,7 @@ class JaxRunner(Runner):
         self.alias_bytes = memory.alias_bytes
         self.temp_bytes = memory.temp_bytes
 
-    def run(self, steps: int) -> None:
+    def advance(self, steps: int) -> None:
         import jax
 
         for _ in range(steps):
@@ -198,46 +202,34 @@ class JaxRunner(Runner):
         self.params = self.state = self.grads = None
 
 
-class FrugalRunner(JaxRunner):
-    """FRUGAL's step averaged over a refresh period of ``gap`` steps.
+class RefreshAveraged(Runner):
+    """A step averaged over a refresh period of ``gap`` steps (FRUGAL's, ours or the authors').
 
-    The count of the ``FrugalState`` (the chain state's first element) is set, untimed, before
-    the timed steps: to 0 (a multiple of ``gap``) for a refresh step, to 1 for ordinary steps (and
-    back to 1 after every ``gap - 1`` of them, should a round be that long). A round's step time is
+    The optimizer's step counter is set, untimed, before the timed steps (``set_count``): to 0 (a
+    multiple of ``gap``) for a refresh step, to 1 for ordinary steps (and back to 1 after every
+    ``gap - 1`` of them, should a round be that long). A round's step time is
     ``(t_refresh + (gap - 1) * t_ordinary) / gap``; with ``gap`` 1 every step is a refresh.
     """
 
-    def __init__(self, tx, make_params, grads, gap: int):
-        super().__init__(tx, make_params, grads)
+    def init_refresh(self, gap: int) -> None:
         self.gap = gap
         self.refresh_seconds: list[float] = []
         self.ordinary_seconds: list[float] = []
 
-    def _set_count(self, count: int) -> None:
-        import jax
-        import jax.numpy as jnp
-
-        frugal_state = self.state[0]
-        count = jnp.asarray(count, frugal_state.count.dtype)
-        count = jax.device_put(count, frugal_state.count.sharding)
-        self.state = (frugal_state._replace(count=count), *self.state[1:])
+    def set_count(self, count: int) -> None:
+        raise NotImplementedError
 
     def _timed_steps(self, steps: int, *, refresh: bool) -> float:
         """Seconds of ``steps`` refresh or ordinary steps (the count resets untimed)."""
-        import jax
-
         start_count = 0 if refresh else min(1, self.gap - 1)
         # ordinary steps run back to back while the count stays below the next multiple of gap
         chunk = 1 if refresh else max(self.gap - 1, 1)
         total, done = 0.0, 0
         while done < steps:
-            self._set_count(start_count)
-            jax.block_until_ready(self.state)
+            self.set_count(start_count)
             n = min(chunk, steps - done)
             start = time.perf_counter()
-            for _ in range(n):
-                self.params, self.state = self.step(self.params, self.state, self.grads)
-            jax.block_until_ready((self.params, self.state))
+            self.advance(n)
             total += time.perf_counter() - start
             done += n
         return total
@@ -263,6 +255,25 @@ class FrugalRunner(JaxRunner):
         }
 
 
+class FrugalRunner(RefreshAveraged, JaxRunner):
+    """``optim.frugal``'s step averaged over a refresh period; its counter is the count of the
+    ``FrugalState`` (the chain state's first element)."""
+
+    def __init__(self, tx, make_params, grads, gap: int):
+        JaxRunner.__init__(self, tx, make_params, grads)
+        self.init_refresh(gap)
+
+    def set_count(self, count: int) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        frugal_state = self.state[0]
+        count = jnp.asarray(count, frugal_state.count.dtype)
+        count = jax.device_put(count, frugal_state.count.sharding)
+        self.state = (frugal_state._replace(count=count), *self.state[1:])
+        jax.block_until_ready(self.state)
+
+
 class TorchRunner(Runner):
     """A PyTorch optimizer (``make(params)``) over torch tensors of the same shapes."""
 
@@ -278,11 +289,10 @@ class TorchRunner(Runner):
         self.opt = self.build(make, list(shapes))
         self.opt.step()  # creates the state
         self.state_bytes = sum(
-            v.nbytes
+            tensor_bytes(v)
             for s in self.opt.state.values()
             if isinstance(s, dict)  # per-parameter state (SPAM also keeps global counters)
             for v in s.values()
-            if isinstance(v, torch.Tensor)
         )
         self.peak_bytes = None
         self.alias_bytes = None
@@ -292,7 +302,7 @@ class TorchRunner(Runner):
     def build(self, make, names: list[str]):
         return make(self.params)
 
-    def run(self, steps: int) -> None:
+    def advance(self, steps: int) -> None:
         for _ in range(steps):
             self.opt.step()
 
@@ -314,48 +324,31 @@ def tensor_bytes(value) -> int:
     return 0
 
 
-class TorchFrugalRunner(TorchRunner):
+class TorchFrugalRunner(RefreshAveraged, TorchRunner):
     """The authors' PyTorch FRUGAL, its step averaged over a refresh period as ``FrugalRunner``.
 
     Their optimizer refreshes its subspace (and resets the Adam state) when the ``step`` of the
-    projected group's first parameter is a multiple of ``update_gap``; the runner sets that
-    counter, untimed, to 0 before a refresh step and to 1 before ordinary steps.
+    projected group's first parameter is a multiple of ``update_gap``: that is the counter set.
+    The projectable kernels are given in PyTorch's ``(out, in)`` layout, the transpose of JAX's.
     """
 
     def __init__(self, make, shapes: dict[str, tuple[int, ...]], gap: int):
-        # PyTorch's (out, in) layout of every kernel: the transpose of the JAX (in, out) one
-        torch_shapes = {n: kernel_layout(n, shape) for n, shape in shapes.items()}
-        super().__init__(make, torch_shapes)
-        self.state_bytes = sum(
-            tensor_bytes(v)
-            for s in self.opt.state.values()
-            if isinstance(s, dict)
-            for v in s.values()
-        )
-        self.gap = gap
+        self.projectable = projectable_names(shapes)
+        torch_shapes = {n: s[::-1] if n in self.projectable else s for n, s in shapes.items()}
+        TorchRunner.__init__(self, make, torch_shapes)
         self.first = next(g["params"][0] for g in self.opt.param_groups if g.get("is_proj_params"))
-        self.refresh_seconds: list[float] = []
-        self.ordinary_seconds: list[float] = []
+        self.init_refresh(gap)
 
-    def _timed_steps(self, steps: int, *, refresh: bool) -> float:
-        total, done = 0.0, 0
-        chunk = 1 if refresh else max(self.gap - 1, 1)
-        while done < steps:
-            self.opt.state[self.first]["step"] = 0 if refresh else min(1, self.gap - 1)
-            n = min(chunk, steps - done)
-            start = time.perf_counter()
-            for _ in range(n):
-                self.opt.step()
-            total += time.perf_counter() - start
-            done += n
-        return total
+    def set_count(self, count: int) -> None:
+        self.opt.state[self.first]["step"] = count
 
     def build(self, make, names: list[str]):
-        return make(frugal_param_groups(self.params, names))
-
-    run = FrugalRunner.run
-    timed = FrugalRunner.timed
-    extra = FrugalRunner.extra
+        """The authors' two groups: the projectable kernels and the rest (AdamW)."""
+        proj = [p for p, n in zip(self.params, names, strict=True) if n in self.projectable]
+        rest = [p for p, n in zip(self.params, names, strict=True) if n not in self.projectable]
+        return make(
+            [{"params": rest, "is_proj_params": False}, {"params": proj, "is_proj_params": True}]
+        )
 
 
 def authors_frugal(folder: Path):
@@ -368,34 +361,27 @@ def authors_frugal(folder: Path):
             return x.sqrt() if hasattr(x, "sqrt") else math.sqrt(x)
 
         torch_optimizer._dispatch_sqrt = _dispatch_sqrt
-    name = "authors_frugal"
-    spec = importlib.util.spec_from_file_location(
-        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(folder / "__init__.py", "authors_frugal")
 
 
-def kernel_layout(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A leaf's shape in PyTorch: kernels (2-D, not the embedding) as ``(out, in)``."""
-    return shape[::-1] if len(shape) == 2 and name != "embed" else shape
+def projectable_names(shapes: dict[str, tuple[int, ...]]) -> set[str]:
+    """The leaves ``optim.frugal`` projects by default (``optim.default_projectable``)."""
+    import jax
+    import jax.numpy as jnp
 
+    import optim
 
-def frugal_param_groups(params: list, names: list[str]) -> list[dict]:
-    """The authors' two groups: the projectable kernels (``optim.frugal``'s default: matrices but
-    the embedding) and the rest (AdamW)."""
-    proj = [p for p, n in zip(params, names, strict=True) if p.ndim == 2 and n != "embed"]
-    ids = {id(p) for p in proj}
-    rest = [p for p in params if id(p) not in ids]
-    return [{"params": rest, "is_proj_params": False}, {"params": proj, "is_proj_params": True}]
+    tree = {n: jax.ShapeDtypeStruct(s, jnp.float32) for n, s in shapes.items()}
+    return {n for n, flag in optim.default_projectable(tree).items() if flag}
 
 
 def load_module(path: Path, name: str):
-    """Imports one Python file (the authors' optimizer code) as a module."""
-    spec = importlib.util.spec_from_file_location(name, path)
+    """Imports one Python file (the authors' optimizer code) as a module, or a package from its
+    ``__init__.py`` (its relative imports resolve inside the package's folder)."""
+    package = [str(path.parent)] if path.name == "__init__.py" else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=package)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
