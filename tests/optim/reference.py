@@ -113,15 +113,19 @@ class DiffGrad:
         return out
 
 
+def top_fraction_threshold(tree: dict, c: float):
+    """The (floor(c n) + 1)-th largest |x| by sorting every |x| in the leaves' dtype (NaN first),
+    0 when that rank is past the end."""
+    a = np.sort(np.concatenate([np.abs(v).ravel() for v in tree.values()]))[::-1]
+    rank = math.floor(c * a.size) + 1
+    return 0.0 if rank > a.size else a[rank - 1]
+
+
 def clip_top(tree: dict, c: float, scale: float = 1.0) -> dict:
     """Pan & Li's operator by sorting every |x| (float64)."""
     if c == 0:
         return {k: v.copy() for k, v in tree.items()}
-    a = np.sort(np.concatenate([np.abs(v).ravel() for v in tree.values()]))[::-1]
-    n = a.size
-    rank = math.floor(c * n) + 1
-    thr = 0.0 if rank > n else a[rank - 1]
-    t = thr * scale
+    t = top_fraction_threshold(tree, c) * scale
     return {k: np.where(np.abs(v) >= t, np.sign(v) * t, v) for k, v in tree.items()}
 
 
