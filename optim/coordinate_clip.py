@@ -10,8 +10,9 @@ for float32 (and bfloat16/float16, whose values float32 holds exactly) pass one 
 high 16 bits, pass two the low 16 bits of the coordinates in the chosen high bin; for float64
 four passes walk the 64-bit patterns the same way, so a float64 threshold is exact too. Each
 pass reads the tree once and reduces a 65,536-bin histogram; under ``jit`` with
-sharded inputs XLA reduces the histograms across devices (no gradient is gathered), and inside
-``shard_map`` the histograms are ``psum``-ed over ``axis_name``.
+sharded inputs XLA reduces the histograms across devices (no gradient is gathered, whichever
+axis of a leaf is sharded), and inside ``shard_map`` the histograms are ``psum``-ed over
+``axis_name``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ def _abs_bits(x: jax.Array, dtype: Any) -> jax.Array:
 
 
 def _histogram(keys: jax.Array, weights: jax.Array | None) -> jax.Array:
-    keys = keys.reshape(-1).astype(jnp.int32)
-    ones = jnp.ones_like(keys) if weights is None else weights.reshape(-1)
+    # keys keep the leaf's shape (no reshape(-1)): a leaf sharded along any axis is histogrammed
+    # shard by shard and only the histogram is reduced; flattening one sharded along a later
+    # axis would gather it first
+    keys = keys.astype(jnp.int32)
+    ones = jnp.ones_like(keys) if weights is None else weights
     # on an Explicit mesh: each device histograms its shard, the result is all-reduced
     return jnp.zeros(_BINS, jnp.int32).at[keys].add(ones, out_sharding=replicated_like(keys))
 

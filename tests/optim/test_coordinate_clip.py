@@ -136,14 +136,18 @@ def test_bfloat16_leaves_keep_their_dtype():
     np.testing.assert_array_equal(out["a"].astype(jnp.float32), [1.0, -3.0, 3.0, 2.0])
 
 
-def test_sharded_threshold_is_exact_and_gathers_nothing(devices):
+@pytest.mark.parametrize("w_spec", [P("fsdp"), P(None, "fsdp")], ids=["rows", "columns"])
+def test_sharded_threshold_is_exact_and_gathers_nothing(w_spec, devices):
+    """Whichever axis of a leaf is sharded, only histograms cross devices (a leaf sharded along
+    its second axis was gathered when the keys were flattened)."""
     mesh = make_mesh({"fsdp": 8}, devices=devices)
     rng = np.random.default_rng(0)
     host = {
         "w": rng.standard_normal((4096, 512)).astype(np.float32),
         "v": rng.standard_normal((1024,)).astype(np.float32),
     }
-    sharded = {k: jax.device_put(v, NamedSharding(mesh, P("fsdp"))) for k, v in host.items()}
+    specs = {"w": w_spec, "v": P("fsdp")}
+    sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
     fn = jax.jit(lambda t: optim.clip_top(t, 0.001))
     got = fn(sharded)
     want = reference.clip_top({k: v.astype(np.float64) for k, v in host.items()}, 0.001)
