@@ -101,9 +101,9 @@ def after(value: jax.Array, dependency: jax.Array) -> jax.Array:
     """``value``, computed after ``dependency``, whatever ``dependency`` holds.
 
     When a state buffer is updated in place (donated) but another update still reads its old
-    value (SPAM's first moment reads the old second moment; diffGrad's direction reads the old
-    previous gradient), XLA copies the buffer first, into a fresh allocation every step: that
-    made those steps about 3x slower than ``optax.adamw`` on CPU. Making the in-place value
+    value (diffGrad's direction reads the old previous gradient), XLA copies the buffer first,
+    into a fresh allocation every step: that made such steps about 3x slower than
+    ``optax.adamw`` on CPU. Making the in-place value
     depend on the other update lets XLA order the read before the write and drop the copy. The
     dependency goes through a comparison (a boolean, times zero), so a non-finite
     ``dependency`` never leaks into ``value``.

@@ -8,6 +8,8 @@ import optax
 import pytest
 
 import optim
+from optim.moments import ema
+from optim.spam import clip_spike_from_updated, clipped_square
 from tests.optim import battery, precision, reference
 
 SHAPES = {"w": (6, 5), "b": (5,)}
@@ -188,6 +190,28 @@ def test_spam_clips_a_spike_that_adam_lets_through():
     bound = 0.9 * m_before + 0.1 * np.sqrt(theta * v_before)  # spike clipped to sqrt(theta v)
     np.testing.assert_allclose(s_state.mu["w"], bound, rtol=1e-3)
     assert float(a_state.mu["w"][0, 0]) > 100.0  # Adam's momentum absorbed the spike
+
+
+@precision.DTYPES
+def test_clip_bound_read_back_from_the_updated_moment(dtype):
+    """SPAM clips m's gradient against theta * v_prev read back from the updated v: the same
+    coordinates clipped to the same values as clipping against the previous v (float64 at
+    1e-12), spikes, coordinates exactly at the bound, v = 0 and clipping off included."""
+    theta, b2 = 5000.0, 0.999
+    rng = np.random.default_rng(3)
+    v = rng.random(400) * rng.choice([0.0, 1e-6, 1.0, 1e4], 400)
+    g = rng.standard_normal(400) * rng.choice([1.0, 100.0, 1e4], 400)
+    g[:20] = np.sqrt(theta * v[:20])  # exactly at the bound: not a spike (g**2 > theta v is strict)
+    clipped = np.where(g**2 > theta * v, np.sign(g) * np.sqrt(theta * v), g)  # against v_prev
+    assert 0 < (clipped != g).sum() < 400
+    with precision.precision(dtype) as jdtype:
+        gj, vj = jnp.asarray(g, jdtype), jnp.asarray(v, jdtype)
+        for active in (True, False):
+            flag = jnp.asarray(active)
+            v_new = ema(vj, clipped_square(gj, vj, theta, flag), b2)
+            got = clip_spike_from_updated(gj, v_new, theta, b2, flag)
+            want = clipped if active else g
+            np.testing.assert_allclose(got, want, **precision.tolerance(dtype, 2e-6, 1e-30))
 
 
 def test_reset_keeps_the_bias_correction_count():
