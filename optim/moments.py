@@ -103,10 +103,10 @@ def after(value: jax.Array, dependency: jax.Array) -> jax.Array:
     When a state buffer is updated in place (donated) but another update still reads its old
     value (diffGrad's direction reads the old previous gradient), XLA copies the buffer first,
     into a fresh allocation every step: that made such steps about 3x slower than
-    ``optax.adamw`` on CPU. Making the in-place value
-    depend on the other update lets XLA order the read before the write and drop the copy. The
-    dependency goes through a comparison (a boolean, times zero), so a non-finite
-    ``dependency`` never leaks into ``value``.
+    ``optax.adamw`` on CPU. Making the in-place value depend on the other update lets XLA
+    order the read before the write and drop the copy. The dependency goes through a
+    comparison (a boolean, times zero), so a non-finite ``dependency`` never leaks into
+    ``value``.
     """
     flag = (dependency > 0).astype(value.dtype)
     return value + jnp.zeros((), value.dtype) * flag
