@@ -29,7 +29,13 @@ import optax
 
 from optim.hyperparams import check_range
 from optim.moments import compute_dtype, ema, reject_complex
-from optim.spam import check_steps, clip_spike, spam_warmup_factor, spike_clip_active
+from optim.spam import (
+    check_steps,
+    clip_spike_from_updated,
+    clipped_square,
+    spam_warmup_factor,
+    spike_clip_active,
+)
 
 
 class ClipSpikesState(NamedTuple):
@@ -85,8 +91,10 @@ def clip_spikes(
 
         def leaf(g, v):
             v = jnp.where(reset, jnp.zeros_like(v), v)
-            g = clip_spike(g, v, spike_threshold, active)
-            return g, ema(v, g, b2, order=2)
+            # as in scale_by_spam: v first, the clip bound read back from the updated v, so
+            # that XLA writes v in place instead of copying it for the clip's read of the old v
+            v = ema(v, clipped_square(g, v, spike_threshold, active), b2)
+            return clip_spike_from_updated(g, v, spike_threshold, b2, active), v
 
         g_leaves, treedef = jax.tree.flatten(updates)
         pairs = [leaf(g, v) for g, v in zip(g_leaves, treedef.flatten_up_to(state.nu), strict=True)]

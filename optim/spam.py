@@ -82,18 +82,6 @@ def spike_clip_active(
     return (jnp.asarray(spike_threshold) > 0) & (s >= g) & (s % interval >= g)
 
 
-def clip_spike(g: jax.Array, v: jax.Array, threshold: Any, active: jax.Array) -> jax.Array:
-    """``sign(g) * sqrt(theta * v)`` where ``g**2 > theta * v`` (and ``active``), else ``g``.
-
-    Computed in ``compute_dtype(g, v)``, returned in ``g``'s dtype.
-    """
-    dtype = compute_dtype(g.dtype, v.dtype)
-    gc = g.astype(dtype)
-    bound = jnp.asarray(threshold).astype(dtype) * v.astype(dtype)
-    spike = active & (gc * gc > bound)
-    return jnp.where(spike, jnp.sign(gc) * jnp.sqrt(bound), gc).astype(g.dtype)
-
-
 def check_steps(reset_interval: Any, warmup_steps: Any = 0, no_clip_steps: Any = 0) -> None:
     """Validates SPAM's step counts when concrete: integers, ``reset_interval >= 1``, others >= 0,
     and ``no_clip_steps < reset_interval``."""
@@ -116,8 +104,10 @@ def check_steps(reset_interval: Any, warmup_steps: Any = 0, no_clip_steps: Any =
 def clip_spike_from_updated(
     g: jax.Array, v_new: jax.Array, threshold: Any, b2: Any, active: jax.Array
 ) -> jax.Array:
-    """:func:`clip_spike` of ``g`` against the *previous* second moment, read from the updated
-    one ``v_new = b2 v + (1 - b2) min(g**2, theta v)``.
+    """SPAM's spike clip, ``sign(g) * sqrt(theta * v)`` where ``g**2 > theta * v`` (and
+    ``active``), else ``g``, against the *previous* second moment ``v``, read from the updated
+    one ``v_new = b2 v + (1 - b2) min(g**2, theta v)``. Computed in ``compute_dtype(g, v_new)``,
+    returned in ``g``'s dtype.
 
     ``g**2 > theta v`` holds exactly when ``g**2 > theta v_new / (b2 + (1 - b2) theta)``, and
     then ``theta v`` equals that bound (in exact arithmetic; in floating point up to the rounding
@@ -134,7 +124,8 @@ def clip_spike_from_updated(
 
 
 def clipped_square(g: jax.Array, v: jax.Array, threshold: Any, active: jax.Array) -> jax.Array:
-    """The square of :func:`clip_spike`'s output, ``min(g**2, theta * v)`` when ``active``."""
+    """The square of SPAM's clipped gradient: ``min(g**2, theta * v)`` when ``active``, else
+    ``g**2`` (computed in ``compute_dtype(g, v)``, returned in ``g``'s dtype)."""
     dtype = compute_dtype(g.dtype, v.dtype)
     gc = g.astype(dtype)
     square = gc * gc
