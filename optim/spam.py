@@ -125,12 +125,13 @@ def clip_spike_from_updated(
 
 def clipped_square(g: jax.Array, v: jax.Array, threshold: Any, active: jax.Array) -> jax.Array:
     """The square of SPAM's clipped gradient: ``min(g**2, theta * v)`` when ``active``, else
-    ``g**2`` (computed in ``compute_dtype(g, v)``, returned in ``g``'s dtype)."""
+    ``g**2``, in ``compute_dtype(g, v)`` (not rounded to a bfloat16 ``g``'s dtype: it feeds
+    the second moment's EMA, which runs in that dtype)."""
     dtype = compute_dtype(g.dtype, v.dtype)
     gc = g.astype(dtype)
     square = gc * gc
     bound = jnp.asarray(threshold).astype(dtype) * v.astype(dtype)
-    return jnp.where(active, jnp.minimum(square, bound), square).astype(g.dtype)
+    return jnp.where(active, jnp.minimum(square, bound), square)
 
 
 def _default_sparse(params: Any) -> Any:

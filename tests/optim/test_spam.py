@@ -214,6 +214,19 @@ def test_clip_bound_read_back_from_the_updated_moment(dtype):
             np.testing.assert_allclose(got, want, **precision.tolerance(dtype, 2e-6, 1e-30))
 
 
+@pytest.mark.parametrize("factory", [optim.scale_by_spam, optim.clip_spikes])
+def test_bfloat16_gradient_squares_reach_float32_second_moment_unrounded(factory):
+    """With bfloat16 gradients and float32 state, g**2 enters the EMA in float32: (1 + 2^-7)**2
+    rounded to bfloat16 first would be 1.015625, 6e-5 off."""
+    g = jnp.full((3,), 1 + 2**-7, jnp.bfloat16)
+    tx = factory(state_dtype=jnp.float32)
+    state = tx.init(jnp.zeros(3, jnp.bfloat16))
+    _, state = tx.update(g, state)
+    nu = state.nu
+    want = np.float32(1 - np.float32(0.999)) * np.float32(1 + 2**-7) ** 2
+    np.testing.assert_allclose(np.asarray(nu), np.full(3, want), rtol=1e-6)
+
+
 def test_reset_keeps_the_bias_correction_count():
     tx = optim.scale_by_spam(reset_interval=3, no_clip_steps=1, warmup_steps=0)
     g = {"w": jnp.ones(2)}
