@@ -157,19 +157,23 @@ class Runner:
 
 
 class JaxRunner(Runner):
-    """One optimizer's donated step, with its own params and state."""
+    """One optimizer's donated step, with its own params and state.
 
-    def __init__(self, tx, make_params, grads):
+    ``step``, when given, replaces the optax step ``(params, state, grads) -> (params, state)``
+    (``tx.update`` then ``optax.apply_updates``); ``tx`` still initializes the state.
+    """
+
+    def __init__(self, tx, make_params, grads, step=None):
         import jax
         import optax
 
         from jaxlib_ext import costs
 
-        def step(params, state, grads):
+        def optax_step(params, state, grads):
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
-        self.step = jax.jit(step, donate_argnums=(0, 1))
+        self.step = jax.jit(step or optax_step, donate_argnums=(0, 1))
         self.params = make_params()
         # jitted: distinct output buffers (an eager FRUGAL init shares zeros between its moments,
         # which a donated step rejects)
